@@ -1,0 +1,92 @@
+"""ExecuTorch lowering: torch.export every method, lower to XNNPACK together, emit one ``.pte``.
+
+Steps (each a function, composable like ExecuTorch's ``extension/llm/export``):
+``export_programs`` -> ``lower_programs`` -> ``to_pte_bytes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from .graph import EmbedMethod, ExportCore, HeadMethod, LayerMethod, PrefillMethod
+
+
+def method_names(n_layers: int) -> list[str]:
+    """Executable method names in a bundle's ``model.pte`` (constant methods excluded)."""
+    return ["prefill", "embed", *[f"layer_{i}" for i in range(n_layers)], "head"]
+
+
+def export_programs(core: ExportCore, progress: Callable[[str], None] | None = None
+                    ) -> dict[str, ExportedProgram]:
+    """``torch.export`` every method of ``core`` (same instance, so buffer names match)."""
+    core.eval()
+    n = core.n_layers
+    hsz = core.parts.hidden_size
+    progs: dict[str, ExportedProgram] = {}
+    t_dim = Dim("T", min=1, max=core.max_seq_len)
+    example_t = min(4, core.max_seq_len)
+    with torch.no_grad():
+        if progress:
+            progress("prefill")
+        progs["prefill"] = torch.export.export(
+            PrefillMethod(core),
+            (torch.zeros(1, example_t, dtype=torch.long), torch.full((n,), -1, dtype=torch.long)),
+            dynamic_shapes=({1: t_dim}, None),
+            strict=False,
+        )
+        if progress:
+            progress("embed")
+        progs["embed"] = torch.export.export(
+            EmbedMethod(core), (torch.zeros(1, 1, dtype=torch.long),), strict=False
+        )
+        h = torch.zeros(1, 1, hsz, dtype=torch.float32)
+        pos = torch.zeros(1, dtype=torch.long)
+        for i in range(n):
+            if progress:
+                progress(f"layer_{i}")
+            progs[f"layer_{i}"] = torch.export.export(LayerMethod(core, i), (h, pos), strict=False)
+        if progress:
+            progress("head")
+        progs["head"] = torch.export.export(HeadMethod(core), (h,), strict=False)
+    return progs
+
+
+def constant_methods(core: ExportCore, bos_id: int | None, eos_ids: list[int]) -> dict[str, object]:
+    """Metadata methods carried in the ``.pte``."""
+    return {
+        "get_max_seq_len": int(core.max_seq_len),
+        "get_n_layers": int(core.n_layers),
+        "get_vocab_size": int(core.parts.vocab_size),
+        "get_bos_id": int(bos_id if bos_id is not None else -1),
+        "get_eos_ids": [int(e) for e in eos_ids] or [-1],
+    }
+
+
+def to_pte_bytes(programs: dict[str, ExportedProgram], constants: dict[str, object],
+                 quantized: bool) -> bytes:
+    """Lower all programs to XNNPACK in one call and serialize the multi-method program."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import (
+        EdgeCompileConfig,
+        ExecutorchBackendConfig,
+        to_edge_transform_and_lower,
+    )
+    from executorch.exir.passes import MemoryPlanningPass
+
+    edge = to_edge_transform_and_lower(
+        programs,
+        partitioner=[XnnpackPartitioner()],
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        constant_methods=constants,
+    )
+    et = edge.to_executorch(
+        ExecutorchBackendConfig(
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
+            emit_mutable_buffer_names=True,
+            do_quant_fusion_and_const_prop=quantized,
+        )
+    )
+    return et.buffer

@@ -1,0 +1,279 @@
+"""Export-side graph: one module instance with a static KV cache, exposed as several methods.
+
+The same :class:`ExportCore` instance backs every exported method (``prefill``, ``embed``,
+``layer_i``, ``head``) so the KV-cache buffers have the same fully qualified names in every
+method and ExecuTorch can share them (``share_mutable_buffers=True``).
+
+The decoder layers are the Hugging Face modules themselves, called with
+
+* rotary embeddings from the model's own rotary module,
+* an explicit additive attention mask built from the positions (full or sliding window),
+* a duck-typed cache object whose ``update`` writes into the registered buffers.
+
+Routing semantics follow docs/CONTRACTS.md exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+NEG_INF = torch.finfo(torch.float32).min
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """The pieces of a Hugging Face causal LM that the export calls directly."""
+
+    embed_tokens: nn.Module
+    layers: nn.ModuleList
+    norm: nn.Module
+    lm_head: nn.Module
+    rotary_emb: nn.Module
+    layer_types: tuple[str, ...]
+    sliding_window: int | None
+    final_logit_softcapping: float | None
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+
+
+def model_parts(base: nn.Module) -> ModelParts:
+    """Locate embeddings, decoder layers, final norm, head and rotary module of an HF causal LM."""
+    cfg = base.config
+    inner = getattr(base, "model", None)
+    if inner is None or not hasattr(inner, "layers"):
+        raise ValueError(f"unsupported model class {type(base).__name__}: no .model.layers")
+    n = len(inner.layers)
+    layer_types = tuple(getattr(cfg, "layer_types", None) or ["full_attention"] * n)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return ModelParts(
+        embed_tokens=inner.embed_tokens,
+        layers=inner.layers,
+        norm=inner.norm,
+        lm_head=base.lm_head,
+        rotary_emb=inner.rotary_emb,
+        layer_types=layer_types,
+        sliding_window=getattr(cfg, "sliding_window", None),
+        final_logit_softcapping=getattr(cfg, "final_logit_softcapping", None),
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        head_dim=int(head_dim),
+        hidden_size=int(cfg.hidden_size),
+        vocab_size=int(cfg.vocab_size),
+    )
+
+
+class _StaticCache:
+    """Duck-typed HF cache: writes the new keys/values into registered buffers.
+
+    mode ``prefill``: positions ``0..T-1``; the write keeps the old buffer contents where the
+    layer does not run (``where(run, new, old)``) and attention uses the fresh keys only.
+    mode ``decode``: one position ``input_pos``; attention sees the whole buffer (masked).
+    """
+
+    def __init__(self, core: ExportCore, mode: str, run: torch.Tensor | None = None,
+                 input_pos: torch.Tensor | None = None) -> None:
+        self.core = core
+        self.mode = mode
+        self.run = run
+        self.input_pos = input_pos
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        kb = self.core.get_buffer(f"k_cache_{layer_idx}")
+        vb = self.core.get_buffer(f"v_cache_{layer_idx}")
+        key = key.to(kb.dtype)
+        value = value.to(vb.dtype)
+        if self.mode == "prefill":
+            pos = self.input_pos
+            if self.run is None:
+                kb.index_copy_(2, pos, key)
+                vb.index_copy_(2, pos, value)
+            else:
+                kb.index_copy_(2, pos, torch.where(self.run, key, kb.index_select(2, pos)))
+                vb.index_copy_(2, pos, torch.where(self.run, value, vb.index_select(2, pos)))
+            return key, value
+        kb.index_copy_(2, self.input_pos, key)
+        vb.index_copy_(2, self.input_pos, value)
+        return kb, vb
+
+
+def _rotary_takes_layer_type(rotary: nn.Module) -> bool:
+    try:
+        return "layer_type" in inspect.signature(rotary.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def rms_pool(h: torch.Tensor) -> torch.Tensor:
+    """CONTRACTS.md pooling for batch 1 without padding: parameter-free RMS norm, then mean."""
+    hn = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return hn.mean(dim=1)
+
+
+class ExportCore(nn.Module):
+    """Router-augmented decoder with a static KV cache, callable per method.
+
+    Args:
+        base: Hugging Face causal LM (possibly quantized in place already).
+        routers: per-layer router modules (``routers[i](pooled) -> logit``) or ``None``.
+        protected: layer indices that always run.
+        threshold: router threshold ``t``; a layer runs iff ``logit >= log(t / (1 - t))``.
+        max_seq_len: static cache length.
+    """
+
+    def __init__(self, base: nn.Module, routers: list[nn.Module] | None, protected: list[int],
+                 threshold: float, max_seq_len: int, cache_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.base = base
+        self.parts = model_parts(base)
+        self.n_layers = len(self.parts.layers)
+        self.router_list = nn.ModuleList(routers) if routers is not None else None
+        if self.router_list is not None and len(self.router_list) != self.n_layers:
+            raise ValueError(f"{len(self.router_list)} routers for {self.n_layers} layers")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        self.threshold_logit = math.log(threshold / (1.0 - threshold))
+        prot = torch.zeros(self.n_layers, dtype=torch.bool)
+        for i in protected:
+            prot[i % self.n_layers] = True
+        self.register_buffer("protected", prot, persistent=False)
+        self.max_seq_len = int(max_seq_len)
+        shape = (1, self.parts.num_kv_heads, self.max_seq_len, self.parts.head_dim)
+        for i in range(self.n_layers):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=cache_dtype), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=cache_dtype), persistent=False)
+        self._rotary_layer_type = _rotary_takes_layer_type(self.parts.rotary_emb)
+
+    # ---- pieces -------------------------------------------------------------------------
+    def _rotary(self, h: torch.Tensor, position_ids: torch.Tensor, layer_type: str):
+        if self._rotary_layer_type:
+            return self.parts.rotary_emb(h, position_ids, layer_type)
+        return self.parts.rotary_emb(h, position_ids)
+
+    def _attn_mask(self, q_pos: torch.Tensor, kv_len: int, layer_type: str) -> torch.Tensor:
+        """Additive mask [1, 1, Tq, kv_len] from query positions (int64 [Tq])."""
+        kv = torch.arange(kv_len, dtype=torch.long, device=q_pos.device)
+        allowed = kv[None, :] <= q_pos[:, None]
+        if layer_type == "sliding_attention" and self.parts.sliding_window:
+            allowed = allowed & (kv[None, :] > q_pos[:, None] - self.parts.sliding_window)
+        zero = torch.zeros((), dtype=torch.float32)
+        neg = torch.full((), NEG_INF, dtype=torch.float32)
+        return torch.where(allowed, zero, neg)[None, None]
+
+    def _call_layer(self, i: int, h: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor,
+                    cache: _StaticCache, rope) -> torch.Tensor:
+        out = self.parts.layers[i](
+            h,
+            attention_mask=attn_mask,
+            position_ids=position_ids,
+            position_embeddings=rope,
+            cache=cache,
+            use_cache=True,
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
+        logits = self.parts.lm_head(self.parts.norm(h_last))
+        cap = self.parts.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+    # ---- methods ------------------------------------------------------------------------
+    def prefill(self, tokens: torch.Tensor, mask_override: torch.Tensor):
+        """tokens int64 [1, T], mask_override int64 [L] -> (logits [1, V], mask int64 [L])."""
+        h = self.parts.embed_tokens(tokens)
+        t = tokens.shape[1]
+        pos = torch.arange(t, dtype=torch.long, device=tokens.device)
+        position_ids = pos[None]
+        masks = {lt: self._attn_mask(pos, t, lt) for lt in set(self.parts.layer_types)}
+        ropes = {lt: self._rotary(h, position_ids, lt) for lt in set(self.parts.layer_types)}
+        runs = []
+        for i in range(self.n_layers):
+            lt = self.parts.layer_types[i]
+            if self.router_list is not None:
+                logit = self.router_list[i](rms_pool(h).to(torch.float32)).reshape(())
+                run = (logit >= self.threshold_logit) | self.protected[i]
+            else:
+                run = torch.ones((), dtype=torch.bool)
+            ov = mask_override[i]
+            run = torch.where(ov >= 0, ov > 0, run)
+            runs.append(run)
+            cache = _StaticCache(self, "prefill", run=run, input_pos=pos)
+            new_h = self._call_layer(i, h, position_ids, masks[lt], cache, ropes[lt])
+            h = torch.where(run, new_h, h)
+        mask = torch.stack(runs).to(torch.long)
+        return self._logits(h[:, -1, :]), mask
+
+    def embed(self, token: torch.Tensor) -> torch.Tensor:
+        """token int64 [1, 1] -> hidden [1, 1, H]."""
+        return self.parts.embed_tokens(token).float()
+
+    def layer(self, i: int, h: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """One decoder layer for one token at position ``input_pos`` (int64 [1])."""
+        lt = self.parts.layer_types[i]
+        position_ids = input_pos[None]
+        rope = self._rotary(h, position_ids, lt)
+        attn_mask = self._attn_mask(input_pos, self.max_seq_len, lt)
+        cache = _StaticCache(self, "decode", input_pos=input_pos)
+        return self._call_layer(i, h, position_ids, attn_mask, cache, rope)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """hidden [1, 1, H] -> logits [1, V]."""
+        return self._logits(h[:, -1, :])
+
+    def reset_cache(self) -> None:
+        """Zero every KV buffer (eager use only)."""
+        for i in range(self.n_layers):
+            self.get_buffer(f"k_cache_{i}").zero_()
+            self.get_buffer(f"v_cache_{i}").zero_()
+
+
+class PrefillMethod(nn.Module):
+    """``prefill(tokens, mask_override) -> (logits, mask)``."""
+
+    def __init__(self, core: ExportCore) -> None:
+        super().__init__()
+        self.core = core
+
+    def forward(self, tokens: torch.Tensor, mask_override: torch.Tensor):
+        return self.core.prefill(tokens, mask_override)
+
+
+class EmbedMethod(nn.Module):
+    """``embed(token) -> hidden``."""
+
+    def __init__(self, core: ExportCore) -> None:
+        super().__init__()
+        self.core = core
+
+    def forward(self, token: torch.Tensor) -> torch.Tensor:
+        return self.core.embed(token)
+
+
+class LayerMethod(nn.Module):
+    """``layer_i(hidden, input_pos) -> hidden``."""
+
+    def __init__(self, core: ExportCore, index: int) -> None:
+        super().__init__()
+        self.core = core
+        self.index = index
+
+    def forward(self, h: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return self.core.layer(self.index, h, input_pos)
+
+
+class HeadMethod(nn.Module):
+    """``head(hidden) -> logits``."""
+
+    def __init__(self, core: ExportCore) -> None:
+        super().__init__()
+        self.core = core
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.core.head(h)
