@@ -150,9 +150,8 @@ class FirstModel(nn.Module):
         self.routers = routers
         self._routing = _Routing()
         self._sha256: str | None = None
-        for i, layer in enumerate(layers):
-            if not isinstance(layer, RoutedDecoderLayer):
-                layers[i] = RoutedDecoderLayer(layer, i, self)
+        for i, layer in enumerate(layers):  # a base wrapped before now belongs to this model
+            layers[i] = RoutedDecoderLayer(layer.layer if isinstance(layer, RoutedDecoderLayer) else layer, i, self)
         self.protected_layers()  # validate never_skip now
 
     # ----------------------------------------------------------------- identity and parts
@@ -253,6 +252,7 @@ class FirstModel(nn.Module):
         if soft_gates and self.routers is None:
             raise ValueError("soft_gates=True needs routers")
         state = _Routing(prompt_mask=attention_mask)
+        self._claim_layers()
         if mask is not None:
             state.mask = self.mask_tensor(mask, batch)
         elif self.routers is None and override is None:
@@ -272,6 +272,12 @@ class FirstModel(nn.Module):
         if state.soft:
             state.mask = torch.stack(state.gates, dim=1).detach() > 0.5
         return RoutedOutput(logits=out.logits, mask=state.mask, gate_probs=probs, cache=cache)
+
+    def _claim_layers(self) -> None:
+        """Point the routed layers at this model (another FirstModel may have wrapped the same base since)."""
+        for layer in self.adapter.layers(self.base):
+            if layer._owner is not self:
+                object.__setattr__(layer, "_owner", self)
 
     def _router_prob_and_run(self, index: int, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         state = self._routing
