@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
-import firstkit
 import pytest
 import torch
+
+import firstkit
 from firstkit.architectures import UnsupportedArchitectureError
 from firstkit.models import ModelLoadError, ModelNotFoundError, resolve_model
 from firstkit.policies import block_influence, make_policy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from firstkit.routed_model import FirstModel, RoutedCache, RoutingConfig
 from firstkit.router import pool_prompt
 from firstkit.testing import ARCHITECTURES, tiny_base_model, tiny_model

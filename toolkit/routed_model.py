@@ -23,11 +23,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
 from firstkit.architectures import ArchitectureAdapter, adapter_for
 from firstkit.models import ModelInfo, model_sha256, resolve_model
 from firstkit.router import RouterStack, threshold_logit
-from torch import nn
-from transformers import DynamicCache, PreTrainedModel
 
 MaskLike = Sequence[bool] | Sequence[int] | str | torch.Tensor
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import torch
-from firstkit.routed_model import FirstModel, RoutingConfig
-from firstkit.router import RouterStack
 from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
@@ -13,6 +11,9 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+
+from firstkit.routed_model import FirstModel, RoutingConfig
+from firstkit.router import RouterStack
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3_text", "phi3")
 
