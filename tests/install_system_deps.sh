@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# System packages the test suite needs on Debian/Ubuntu: the real adb client (device_bench talks to a
+# loopback test device), the aarch64 cross toolchain and qemu-user (the edge-board runner build is run
+# under emulation), and a JDK (jni.h for the Android JNI bridge compiled on Linux; javac for its pure logic).
+set -euo pipefail
+pkgs=(adb g++-aarch64-linux-gnu qemu-user-static openjdk-17-jdk-headless aapt)
+missing=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
