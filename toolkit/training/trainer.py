@@ -1,0 +1,423 @@
+"""FiRST router training: frozen base, routers (phase 1), optionally LoRA + routers (phase 2).
+
+Loss per batch (documented in docs/training.md)::
+
+    g_i     = straight-through gate of layer i: forward value = hard decision (1 run / 0 skip),
+              gradient = d sigmoid(logit_i)    (FirstModel.forward(..., soft_gates=True))
+    used    = mean over batch and routable layers of g_i          (fraction of routable layers run)
+    skip    = mean over batch of (sum_i (1 - g_i)) / L             (skip ratio as reported: skipped / L)
+    loss    = CE(target tokens) + lambda_used * used + budget_weight * (skip - budget)^2
+
+After training, the router threshold is calibrated on held-out (validation-split) prompts so that their
+average skip ratio meets the budget (bisection on the threshold, stored in router_config.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from firstkit.routed_model import FirstModel, RoutingConfig
+from firstkit.router import ROUTER_CONFIG, RouterStack, pool_prompt
+from firstkit.training.data import Example, collate
+from firstkit.training.lora import LORA_DIR, add_lora, save_lora
+from tqdm.auto import tqdm
+
+__all__ = ["TrainConfig", "TrainResult", "train", "measure_skip", "calibrate_threshold", "init_routers",
+           "training_loss", "prompt_pooling"]
+
+STATE_DIR = "trainer_state"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run."""
+
+    skip_budget: float = 0.15
+    steps: int = 100  # phase 1: routers only
+    lora_steps: int = 0  # phase 2: LoRA + routers
+    batch_size: int = 4
+    lr: float = 1e-2
+    lora_lr: float = 5e-4
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lambda_used: float = 0.01
+    budget_weight: float = 20.0
+    router_dim: int = 32
+    init_bias: float = 1.0
+    weight_decay: float = 0.0
+    calibrate: bool = True
+    threshold: float = 0.5
+    never_skip: tuple[int, ...] = (0, -1)
+    seed: int = 0
+    save_every: int = 25
+    log_every: int = 5
+
+    def validate(self) -> None:
+        if not 0.0 <= self.skip_budget < 1.0:
+            raise ValueError(f"--skip-budget must be in [0, 1), got {self.skip_budget}")
+        if self.steps < 0 or self.lora_steps < 0 or self.steps + self.lora_steps == 0:
+            raise ValueError("need at least one training step (--steps / --lora-steps)")
+        if self.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError("--threshold must be in (0, 1)")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    out_dir: str
+    steps_done: int
+    history: list[dict] = field(default_factory=list)
+    val_skip_ratio: float | None = None
+    threshold: float = 0.5
+    seconds: float = 0.0
+
+
+def init_routers(model: FirstModel, cfg: TrainConfig) -> RouterStack:
+    """Fresh routers with every layer running at step 0 (bias ``init_bias`` > 0, tiny weights)."""
+    torch.manual_seed(cfg.seed)
+    stack = RouterStack(model.num_layers, model.config.hidden_size, router_dim=cfg.router_dim,
+                        init_bias=cfg.init_bias)
+    return stack.to(model.device)
+
+
+@contextmanager
+def prompt_pooling(routers: RouterStack, prompt_mask: torch.Tensor):
+    """Make the routers pool over ``prompt_mask`` (the prompt tokens) instead of the attention mask.
+
+    In training the sequence holds prompt + target; at inference the routers see the prompt only.
+    Hidden states at prompt positions do not depend on later tokens (causal attention), so pooling the
+    prompt positions of the full sequence equals pooling a prompt-only prefill.
+    """
+    def logit(index: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return routers.routers[index](pool_prompt(hidden, prompt_mask))
+
+    routers.logit = logit  # instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del routers.logit
+
+
+def _routable(model: FirstModel) -> torch.Tensor:
+    keep = torch.ones(model.num_layers, dtype=torch.bool)
+    for i in model.protected_layers():
+        keep[i] = False
+    return keep
+
+
+def training_loss(model: FirstModel, batch: dict[str, torch.Tensor], cfg: TrainConfig,
+                  wrapped: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one batch (see the module docstring) and its parts.
+
+    ``wrapped``: the accelerate-prepared model (DDP under several processes) to call instead of
+    ``model`` so gradients synchronise; ``model`` is the unwrapped ``FirstModel``.
+    """
+    routers = model.routers
+    fwd = wrapped if wrapped is not None else model
+    with prompt_pooling(routers, batch["prompt_mask"]):
+        out = fwd(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], soft_gates=True)
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                           ignore_index=-100)
+    probs = out.gate_probs  # [B, L]
+    hard = out.mask.to(probs.dtype)
+    gates = hard + probs - probs.detach()
+    keep = _routable(model).to(probs.device)
+    gates = torch.where(keep[None, :], gates, torch.ones_like(gates))  # protected layers: constant 1
+    used = gates[:, keep].mean()
+    skip = (1.0 - gates).sum(dim=1).mean() / model.num_layers
+    loss = ce + cfg.lambda_used * used + cfg.budget_weight * (skip - cfg.skip_budget) ** 2
+    parts = {"loss": float(loss.detach()), "ce": float(ce.detach()), "skip": float(skip.detach()),
+             "used": float(used.detach())}
+    return loss, parts
+
+
+@torch.no_grad()
+def measure_skip(model: FirstModel, prompts: Sequence[Sequence[int]], batch_size: int = 8,
+                 threshold: float | None = None) -> tuple[float, list[float]]:
+    """Average skip ratio of the routers' hard decisions on ``prompts`` and per-layer usage."""
+    if not prompts:
+        raise ValueError("no prompts to measure the skip ratio on")
+    saved = model.routing
+    if threshold is not None:
+        model.routing = RoutingConfig(threshold=threshold, never_skip=saved.never_skip)
+    try:
+        total = 0.0
+        usage = torch.zeros(model.num_layers, dtype=torch.float64)
+        for start in range(0, len(prompts), batch_size):
+            chunk = [list(p) for p in prompts[start:start + batch_size]]
+            width = max(len(p) for p in chunk)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            attn = torch.zeros(len(chunk), width, dtype=torch.long)
+            for b, p in enumerate(chunk):
+                ids[b, :len(p)] = torch.tensor(p)
+                attn[b, :len(p)] = 1
+            out = model.forward(ids.to(model.device), attention_mask=attn.to(model.device), logits_to_keep=1)
+            m = out.mask.cpu()
+            total += float((~m).sum()) / model.num_layers
+            usage += m.double().sum(0)
+        return total / len(prompts), (usage / len(prompts)).tolist()
+    finally:
+        model.routing = saved
+
+
+def calibrate_threshold(model: FirstModel, prompts: Sequence[Sequence[int]], budget: float, iters: int = 10,
+                        batch_size: int = 8) -> tuple[float, float]:
+    """Bisect the router threshold so the held-out average skip ratio is closest to ``budget``.
+
+    A higher threshold skips more. Returns ``(threshold, skip_ratio_at_it)``.
+    """
+    lo, hi = 1e-3, 1 - 1e-3
+    best_t, best_s = 0.5, measure_skip(model, prompts, batch_size, 0.5)[0]
+    if abs(best_s - budget) < 0.5 / model.num_layers:
+        return best_t, best_s
+    # bisection on the logit scale
+    a, b = math.log(lo / (1 - lo)), math.log(hi / (1 - hi))
+    for _ in range(iters):
+        mid = (a + b) / 2
+        t = 1 / (1 + math.exp(-mid))
+        s = measure_skip(model, prompts, batch_size, t)[0]
+        if abs(s - budget) < abs(best_s - budget) or (abs(s - budget) == abs(best_s - budget)
+                                                       and abs(t - 0.5) < abs(best_t - 0.5)):
+            best_t, best_s = t, s
+        if s < budget:
+            a = mid
+        else:
+            b = mid
+    return best_t, best_s
+
+
+def _meta(model: FirstModel, cfg: TrainConfig, extra: dict) -> dict:
+    return {
+        "base_model": model.info.model_id,
+        "base_model_source": str(model.info.source),
+        "base_model_sha256": model.base_sha256(),
+        "skip_budget": cfg.skip_budget,
+        "threshold": cfg.threshold,
+        "never_skip": list(cfg.never_skip),
+        "trained_with": "first-train",
+        **extra,
+    }
+
+
+def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        write(tmp)
+        old = None
+        if final.exists():
+            old = final.with_name(final.name + f".old-{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save_state(out: Path, model: FirstModel, optimizer: torch.optim.Optimizer, step: int, phase: int,
+                history: list[dict], cfg: TrainConfig, rng_state: dict) -> None:
+    def write(d: Path) -> None:
+        model.routers.save_pretrained(d / "routers")
+        if phase == 2:
+            save_lora(model, d / LORA_DIR)
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, "phase": phase, "history": history,
+                    "config": asdict(cfg), "rng": rng_state}, d / "state.pt")
+    _atomic_dir(out / STATE_DIR, write)
+
+
+def train(model: FirstModel, train_examples: Sequence[Example], val_prompts: Sequence[Sequence[int]],
+          out_dir: str | os.PathLike, cfg: TrainConfig, resume: bool = False, accelerator=None,
+          progress: bool = True, extra_meta: dict | None = None) -> TrainResult:
+    """Train routers (and optionally LoRA) on ``train_examples``; write the checkpoint to ``out_dir``.
+
+    ``out_dir`` gets ``routers.safetensors`` + ``router_config.json`` (and ``lora/`` after phase 2;
+    ``phase1/`` holds the routers-only checkpoint when phase 2 ran). ``resume=True`` continues from
+    ``out_dir/trainer_state``. ``accelerator``: an ``accelerate.Accelerator`` (one is made if None).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cfg.validate()
+    if not train_examples:
+        raise ValueError("no training examples")
+    out = Path(out_dir)
+    state_path = out / STATE_DIR / "state.pt"
+    if accelerator is None:
+        accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    model.routing = RoutingConfig(threshold=cfg.threshold, never_skip=tuple(cfg.never_skip))
+    model.protected_layers()
+    for p in model.base.parameters():
+        p.requires_grad_(False)
+    model.base_sha256()  # identify the frozen base weights before any adapter is injected
+
+    start_step, phase, history, rng_state = 0, 1, [], None
+    saved = None
+    if resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"--resume: no trainer state in {out / STATE_DIR}")
+        saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        old = saved["config"]
+        for key in ("skip_budget", "router_dim", "lora_rank"):
+            if old[key] != getattr(cfg, key):
+                raise ValueError(f"--resume: checkpoint has {key}={old[key]}, this run {getattr(cfg, key)}")
+        model.routers = RouterStack.from_pretrained(out / STATE_DIR / "routers", num_layers=model.num_layers,
+                                                    hidden_size=model.config.hidden_size,
+                                                    model_sha256=model.base_sha256()).to(model.device)
+        start_step, phase, history, rng_state = saved["step"], saved["phase"], saved["history"], saved["rng"]
+    elif model.routers is None:
+        model.routers = init_routers(model, cfg)
+
+    total_steps = cfg.steps + cfg.lora_steps
+    rng = random.Random(cfg.seed)
+    if rng_state is not None:
+        rng.setstate(rng_state["py"])
+        torch.set_rng_state(rng_state["torch"])
+    pad_id = getattr(model.config, "pad_token_id", None) or 0
+    order: list[int] = list(rng_state.get("order", [])) if rng_state is not None else []
+
+    def next_batch() -> dict[str, torch.Tensor]:
+        nonlocal order
+        idx = []
+        while len(idx) < cfg.batch_size:
+            if not order:
+                order = list(range(len(train_examples)))
+                rng.shuffle(order)
+            idx.append(order.pop())
+        b = collate([train_examples[i] for i in idx], pad_id)
+        return {k: v.to(accelerator.device) for k, v in b.items()}
+
+    def make_optimizer(ph: int) -> torch.optim.Optimizer:
+        groups = [{"params": list(model.routers.parameters()), "lr": cfg.lr}]
+        if ph == 2:
+            lora = [p for n, p in model.base.named_parameters() if "lora_" in n]
+            groups.append({"params": lora, "lr": cfg.lora_lr})
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+    def enter_phase2() -> None:
+        if getattr(model, "_lora", None) is None:
+            add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+
+    if phase == 2 or (start_step >= cfg.steps and cfg.lora_steps > 0):
+        phase = 2
+        enter_phase2()
+        if resume and (out / STATE_DIR / LORA_DIR).is_dir():
+            _load_lora_weights(model, out / STATE_DIR / LORA_DIR)
+    model.routers.to(accelerator.device)
+    optimizer = make_optimizer(phase)
+    if saved is not None and saved["phase"] == phase:
+        optimizer.load_state_dict(saved["optimizer"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core: FirstModel = accelerator.unwrap_model(model)
+    core.train()
+
+    t0 = time.time()
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"first-train skip={cfg.skip_budget}",
+               disable=not progress or not accelerator.is_local_main_process)
+    step = start_step
+    while step < total_steps:
+        if step == cfg.steps and phase == 1:
+            if accelerator.is_main_process:
+                core.eval()
+                _finish(core, out / "phase1", cfg, val_prompts, {"phase": 1, "steps": step,
+                                                                 "train_examples": len(train_examples)},
+                        lora=False)
+                core.train()
+            phase = 2
+            enter_phase2()
+            optimizer = accelerator.prepare(make_optimizer(2))
+        batch = next_batch()
+        loss, parts = training_loss(core, batch, cfg, wrapped=model)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        parts.update(step=step, phase=phase)
+        history.append(parts)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total_steps:
+            bar.set_postfix(ce=f"{parts['ce']:.3f}", skip=f"{parts['skip']:.3f}")
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps and accelerator.is_main_process:
+            _save_state(out, core, optimizer, step, phase, history, cfg,
+                        {"py": rng.getstate(), "torch": torch.get_rng_state(), "order": list(order)})
+    bar.close()
+    core.eval()
+
+    result = TrainResult(out_dir=str(out), steps_done=step, history=history, threshold=cfg.threshold)
+    if accelerator.is_main_process:
+        meta = {"phase": phase, "steps": step, "train_examples": len(train_examples),
+                "final_train": history[-1] if history else None, **(extra_meta or {})}
+        result.threshold, result.val_skip_ratio = _finish(core, out, cfg, val_prompts, meta, lora=phase == 2)
+        (out / "train_log.json").write_text(json.dumps(history, indent=1))
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    result.seconds = time.time() - t0
+    return result
+
+
+def _finish(model: FirstModel, directory: Path, cfg: TrainConfig, val_prompts: Sequence[Sequence[int]],
+            meta: dict, lora: bool) -> tuple[float, float | None]:
+    """Calibrate the threshold on held-out prompts, then write the checkpoint; returns (threshold, skip)."""
+    threshold, val_skip, usage = cfg.threshold, None, None
+    if val_prompts:
+        if cfg.calibrate and cfg.skip_budget > 0:
+            threshold, val_skip = calibrate_threshold(model, val_prompts, cfg.skip_budget)
+        else:
+            val_skip = measure_skip(model, val_prompts, threshold=threshold)[0]
+        usage = measure_skip(model, val_prompts, threshold=threshold)[1]
+    model.routing = RoutingConfig(threshold=threshold, never_skip=tuple(cfg.never_skip))
+    final_cfg = TrainConfig(**{**asdict(cfg), "threshold": threshold})
+    meta = {**meta, "val_skip_ratio": val_skip, "val_layer_usage": usage, "val_prompts": len(val_prompts),
+            "hyperparameters": {k: v for k, v in asdict(cfg).items() if k != "threshold"}}
+    _write_checkpoint(model, directory, final_cfg, meta, lora=lora)
+    return threshold, val_skip
+
+
+def _load_lora_weights(model: FirstModel, directory: Path) -> None:
+    from firstkit.training.lora import LORA_WEIGHTS, unwrapped
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(directory / LORA_WEIGHTS))
+    dtype = next(model.base.parameters()).dtype
+    with unwrapped(model) as base:
+        set_peft_model_state_dict(base, {k: v.to(dtype) for k, v in state.items()})
+
+
+def _write_checkpoint(model: FirstModel, directory: Path, cfg: TrainConfig, extra: dict, lora: bool) -> None:
+    """Routers (+ LoRA adapter) in ``save_pretrained`` layout, written atomically."""
+    model.routers.meta = _meta(model, cfg, {**extra, "lora": lora})
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".ckpt-tmp-", dir=directory))
+    try:
+        model.routers.save_pretrained(tmp)
+        if lora:
+            save_lora(model, tmp / LORA_DIR)
+        elif (directory / LORA_DIR).exists():
+            shutil.rmtree(directory / LORA_DIR)  # a stale adapter must not pair with new routers
+        for entry in sorted(tmp.iterdir(), key=lambda p: p.name != LORA_DIR):  # adapter first, config last
+            target = directory / entry.name
+            if entry.is_dir() and target.exists():
+                _atomic_dir(target, lambda d, src=entry: shutil.copytree(src, d, dirs_exist_ok=True))
+            else:
+                os.replace(entry, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert (directory / ROUTER_CONFIG).is_file()
