@@ -47,9 +47,9 @@ def test_training_lowers_loss_and_meets_budget(tmp_path):
     res = train(model, data, val, tmp_path / "ck", cfg, progress=False)
     hist = res.history
     assert hist[0]["skip"] == pytest.approx(0.0, abs=1e-6)  # routers initialised so that every layer runs
-    first = sum(h["ce"] for h in hist[:5]) / 5
-    last = sum(h["ce"] for h in hist[-5:]) / 5
-    assert last < first  # the task loss falls while routers learn (base frozen)
+    first = sum(h["loss"] for h in hist[:5]) / 5
+    last = sum(h["loss"] for h in hist[-5:]) / 5
+    assert last < first - 0.5  # the training loss falls (base frozen, routers learn)
     skip_end = sum(h["skip"] for h in hist[-10:]) / 10
     assert abs(skip_end - 0.34) < 0.2  # moved from 0 toward the budget
     assert res.val_skip_ratio is not None and res.val_skip_ratio > 0.0

@@ -21,14 +21,14 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @click.option("--lora-steps", type=int, default=0, show_default=True,
               help="Phase 2 steps (LoRA + routers); 0 = no LoRA.")
 @click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--max-len", type=int, default=128, show_default=True, help="Max tokens per example.")
+@click.option("--max-len", type=int, default=96, show_default=True, help="Max tokens per example.")
 @click.option("--tasks", default=None, help="Comma-separated training tasks (default: the full mixture).")
 @click.option("--per-task", type=int, default=200, show_default=True, help="Train examples per task.")
 @click.option("--val-prompts", type=int, default=60, show_default=True,
               help="Held-out (val split) prompts for the skip ratio and threshold calibration.")
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Data folder (default <repo>/../shared/data).")
-@click.option("--lr", type=float, default=1e-2, show_default=True, help="Router learning rate.")
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="Router learning rate.")
 @click.option("--lora-lr", type=float, default=5e-4, show_default=True)
 @click.option("--lora-rank", type=int, default=8, show_default=True)
 @click.option("--lambda-used", type=float, default=0.01, show_default=True,
@@ -36,8 +36,12 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @click.option("--budget-weight", type=float, default=20.0, show_default=True,
               help="Weight of (skip ratio - budget)^2.")
 @click.option("--router-dim", type=int, default=32, show_default=True)
-@click.option("--init-bias", type=float, default=1.0, show_default=True,
+@click.option("--init-bias", type=float, default=0.3, show_default=True,
               help="Initial router logit (> 0: every layer runs at step 0).")
+@click.option("--warm-start", type=click.Choice(["bi", "none"]), default="bi", show_default=True,
+              help="Order initial router biases by block influence (bi) or start them all equal (none).")
+@click.option("--bias-spread", type=float, default=2.0, show_default=True,
+              help="bi warm start: bias range above --init-bias.")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
               help="Calibrate the threshold on held-out prompts to meet the budget.")
 @click.option("--save-every", type=int, default=25, show_default=True, help="Trainer-state interval (steps).")
@@ -49,7 +53,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 def main(model_source: str, out_dir: str, skip_budget: float, steps: int, lora_steps: int, batch_size: int,
          max_len: int, tasks: str | None, per_task: int, val_prompts: int, data_dir: str | None, lr: float,
          lora_lr: float, lora_rank: int, lambda_used: float, budget_weight: float, router_dim: int,
-         init_bias: float, calibrate: bool, save_every: int, resume: bool, seed: int, threads: int | None,
+         init_bias: float, warm_start: str, bias_spread: float, calibrate: bool, save_every: int, resume: bool,
+         seed: int, threads: int | None,
          as_json: bool, quiet: bool) -> None:
     """Train FiRST routers with the base model frozen; LoRA optional (phase 2).
 
@@ -57,6 +62,7 @@ def main(model_source: str, out_dir: str, skip_budget: float, steps: int, lora_s
     validation-split prompts. Never trains on test splits.
     """
     import torch
+
     from firstkit.training.data import DEFAULT_TRAIN_TASKS, build_examples
     from firstkit.training.trainer import TrainConfig, train
 
@@ -64,7 +70,8 @@ def main(model_source: str, out_dir: str, skip_budget: float, steps: int, lora_s
         raise click.UsageError("--max-len must be >= 16")
     cfg = TrainConfig(skip_budget=skip_budget, steps=steps, lora_steps=lora_steps, batch_size=batch_size, lr=lr,
                       lora_lr=lora_lr, lora_rank=lora_rank, lambda_used=lambda_used, budget_weight=budget_weight,
-                      router_dim=router_dim, init_bias=init_bias, calibrate=calibrate, seed=seed,
+                      router_dim=router_dim, init_bias=init_bias, warm_start=warm_start,
+                      bias_spread=bias_spread, calibrate=calibrate, seed=seed,
                       save_every=save_every)
     try:
         cfg.validate()

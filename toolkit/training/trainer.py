@@ -27,11 +27,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+
 from firstkit.routed_model import FirstModel, RoutingConfig
 from firstkit.router import ROUTER_CONFIG, RouterStack, pool_prompt
 from firstkit.training.data import Example, collate
 from firstkit.training.lora import LORA_DIR, add_lora, save_lora
-from tqdm.auto import tqdm
 
 __all__ = ["TrainConfig", "TrainResult", "train", "measure_skip", "calibrate_threshold", "init_routers",
            "training_loss", "prompt_pooling"]
@@ -55,6 +56,8 @@ class TrainConfig:
     budget_weight: float = 20.0
     router_dim: int = 32
     init_bias: float = 1.0
+    warm_start: str = "bi"  # "bi": router biases ordered by block influence; "none": all equal init_bias
+    bias_spread: float = 2.0  # bi warm start: biases from init_bias (least influential) to init_bias + spread
     weight_decay: float = 0.0
     calibrate: bool = True
     threshold: float = 0.5
@@ -72,6 +75,8 @@ class TrainConfig:
             raise ValueError("--batch-size must be >= 1")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError("--threshold must be in (0, 1)")
+        if self.warm_start not in ("bi", "none"):
+            raise ValueError(f"--warm-start must be 'bi' or 'none', got {self.warm_start!r}")
 
 
 @dataclass
@@ -86,11 +91,31 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def init_routers(model: FirstModel, cfg: TrainConfig) -> RouterStack:
-    """Fresh routers with every layer running at step 0 (bias ``init_bias`` > 0, tiny weights)."""
+def init_routers(model: FirstModel, cfg: TrainConfig,
+                 calibration: Sequence[Sequence[int]] | None = None) -> RouterStack:
+    """Fresh routers with every layer running at step 0 (biases > 0, tiny output weights).
+
+    ``warm_start="bi"``: router ``i``'s bias is ``init_bias + bias_spread * rank_i / (L - 1)`` where
+    ``rank_i`` orders layers by block influence on ``calibration`` (least influential = rank 0), so the
+    budget term flips the least useful layers first instead of all layers at once.
+    """
+    from firstkit.policies import block_influence
+
     torch.manual_seed(cfg.seed)
     stack = RouterStack(model.num_layers, model.config.hidden_size, router_dim=cfg.router_dim,
                         init_bias=cfg.init_bias)
+    if cfg.warm_start == "bi" and calibration:
+        saved = model.routers
+        model.routers = None
+        try:
+            bi = block_influence(model, [torch.tensor(c) for c in calibration])
+        finally:
+            model.routers = saved
+        order = sorted(range(model.num_layers), key=lambda i: bi[i])
+        with torch.no_grad():
+            for rank, i in enumerate(order):
+                stack.routers[i].out.bias.fill_(cfg.init_bias + cfg.bias_spread * rank / max(1, len(order) - 1))
+        stack.meta["warm_start_block_influence"] = [round(float(b), 6) for b in bi]
     return stack.to(model.device)
 
 
@@ -283,7 +308,8 @@ def train(model: FirstModel, train_examples: Sequence[Example], val_prompts: Seq
                                                     model_sha256=model.base_sha256()).to(model.device)
         start_step, phase, history, rng_state = saved["step"], saved["phase"], saved["history"], saved["rng"]
     elif model.routers is None:
-        model.routers = init_routers(model, cfg)
+        calib = [e.prompt + e.target for e in train_examples[:16]]
+        model.routers = init_routers(model, cfg, calib)
 
     total_steps = cfg.steps + cfg.lora_steps
     rng = random.Random(cfg.seed)
@@ -390,9 +416,10 @@ def _finish(model: FirstModel, directory: Path, cfg: TrainConfig, val_prompts: S
 
 
 def _load_lora_weights(model: FirstModel, directory: Path) -> None:
-    from firstkit.training.lora import LORA_WEIGHTS, unwrapped
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
+
+    from firstkit.training.lora import LORA_WEIGHTS, unwrapped
 
     state = load_file(str(directory / LORA_WEIGHTS))
     dtype = next(model.base.parameters()).dtype
