@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from firstkit.router import pool_prompt
+
 NEG_INF = torch.finfo(torch.float32).min
 
 
@@ -44,25 +46,29 @@ class ModelParts:
 
 
 def model_parts(base: nn.Module) -> ModelParts:
-    """Locate embeddings, decoder layers, final norm, head and rotary module of an HF causal LM."""
+    """Locate embeddings, decoder layers, final norm, head and rotary module through the core adapter.
+
+    Decoder layers wrapped by ``FirstModel`` (``RoutedDecoderLayer``) are unwrapped: export calls the
+    original Hugging Face layers and does the routing itself.
+    """
+    from firstkit.architectures import adapter_for
+
     cfg = base.config
-    inner = getattr(base, "model", None)
-    if inner is None or not hasattr(inner, "layers"):
-        raise ValueError(f"unsupported model class {type(base).__name__}: no .model.layers")
-    n = len(inner.layers)
-    layer_types = tuple(getattr(cfg, "layer_types", None) or ["full_attention"] * n)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    adapter = adapter_for(cfg)
+    layers = [getattr(m, "layer", m) if type(m).__name__ == "RoutedDecoderLayer" else m
+              for m in adapter.layers(base)]
+    n = len(layers)
     return ModelParts(
-        embed_tokens=inner.embed_tokens,
-        layers=inner.layers,
-        norm=inner.norm,
-        lm_head=base.lm_head,
-        rotary_emb=inner.rotary_emb,
-        layer_types=layer_types,
+        embed_tokens=adapter.embed_tokens(base),
+        layers=nn.ModuleList(layers),
+        norm=adapter.final_norm(base),
+        lm_head=adapter.lm_head(base),
+        rotary_emb=adapter.decoder(base).rotary_emb,
+        layer_types=tuple(adapter.layer_type(cfg, i) for i in range(n)),
         sliding_window=getattr(cfg, "sliding_window", None),
         final_logit_softcapping=getattr(cfg, "final_logit_softcapping", None),
-        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-        head_dim=int(head_dim),
+        num_kv_heads=int(adapter.num_kv_heads(cfg)),
+        head_dim=int(adapter.head_dim(cfg)),
         hidden_size=int(cfg.hidden_size),
         vocab_size=int(cfg.vocab_size),
     )
@@ -107,12 +113,6 @@ def _rotary_takes_layer_type(rotary: nn.Module) -> bool:
         return "layer_type" in inspect.signature(rotary.forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-def rms_pool(h: torch.Tensor) -> torch.Tensor:
-    """CONTRACTS.md pooling for batch 1 without padding: parameter-free RMS norm, then mean."""
-    hn = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-    return hn.mean(dim=1)
 
 
 class ExportCore(nn.Module):
@@ -197,7 +197,7 @@ class ExportCore(nn.Module):
         for i in range(self.n_layers):
             lt = self.parts.layer_types[i]
             if self.router_list is not None:
-                logit = self.router_list[i](rms_pool(h).to(torch.float32)).reshape(())
+                logit = self.router_list[i](pool_prompt(h.to(torch.float32))).reshape(())
                 run = (logit >= self.threshold_logit) | self.protected[i]
             else:
                 run = torch.ones((), dtype=torch.bool)

@@ -1,0 +1,322 @@
+"""``first-export`` as a short list of composable steps.
+
+load -> quantize once (private copy) -> build method wrappers around ONE module instance -> torch.export
+each -> lower all together (XNNPACK) -> write bundle into a temp dir -> verify -> atomic rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from .graph import ExportCore
+from .quantize import SCHEMES, detached_base, quantize
+
+BACKEND_CHOICES = ("executorch", "onnx", "all")
+MASK_SEMANTICS = {
+    "bits": "one entry per decoder layer, layer 0 first; 1 = the layer runs, 0 = skipped",
+    "mask_override": "int64[L]: -1 = router decides, 0 = skip, 1 = run",
+    "router": ("layer i runs iff logit_i >= log(t/(1-t)) or i is protected; logit_i = out_i(silu(proj_i(pooled))), "
+               "pooled = mean over prompt tokens of h*rsqrt(mean(h^2)+1e-6), h = hidden state entering layer i"),
+    "frozen": "decided once in prefill and frozen for the whole decode; skipped layers never run and write no KV",
+    "decode": "h = embed(tok); for i with mask[i]: h = layer_i(h, [pos]); logits = head(h); pos = index in sequence",
+}
+
+
+class ExportError(RuntimeError):
+    """Export or verification failed; no bundle was written."""
+
+
+@dataclass
+class ExportResult:
+    """What ``export_bundle`` produced."""
+
+    output: Path
+    manifest: dict
+    timings: dict[str, float] = field(default_factory=dict)
+    verification: dict[str, dict] = field(default_factory=dict)
+
+
+def resolve_routers(model_name: str, routers: str | None) -> tuple[str | None, str]:
+    """Router checkpoint to use and a one-line description of the mask policy.
+
+    ``routers``: a path, ``"none"``, or ``None``/``"auto"`` = the shipped routers of ``model_name`` if any.
+    """
+    if routers not in (None, "auto"):
+        if routers == "none":
+            return None, "no routers: all layers run, mask_override decides"
+        if not Path(routers).is_dir():
+            raise ExportError(f"router checkpoint {routers} does not exist")
+        return str(routers), f"routers from {routers}"
+    try:
+        from firstkit.routers import default_routers_path  # shipped by the training component
+    except ImportError:
+        default_routers_path = None
+    if default_routers_path is not None:
+        try:
+            path = default_routers_path(model_name)
+        except (TypeError, ValueError, KeyError, FileNotFoundError):
+            path = None
+        if path is not None and Path(path).is_dir():
+            return str(path), f"shipped trained routers ({path})"
+    return None, (f"no trained routers shipped for {model_name}: all layers run, mask_override decides "
+                  "(untrained routers are never used)")
+
+
+def load_first_model(model: str, routers: str | None):
+    """Step 1: the eager router-augmented model (the reference for verification)."""
+    import firstkit
+
+    return firstkit.load_model(model, routers=routers)
+
+
+def build_core(first_model, scheme: str, max_seq_len: int, group_size: int = 32) -> tuple[ExportCore, dict]:
+    """Steps 2-3: quantize a private copy once, then one ExportCore instance for every method."""
+    base = detached_base(first_model)
+    qinfo = quantize(base, scheme, group_size)
+    routers = None
+    if first_model.routers is not None:
+        import copy
+
+        routers = [copy.deepcopy(r).float().eval() for r in first_model.routers.routers]
+    core = ExportCore(base, routers, first_model.protected_layers(), first_model.routing.threshold, max_seq_len)
+    return core.eval(), qinfo
+
+
+def _versions() -> dict:
+    import executorch
+    import onnx
+    import onnxruntime
+    import transformers
+
+    import firstkit
+
+    def ver(mod):
+        return getattr(mod, "__version__", None)
+
+    try:
+        from importlib.metadata import version
+
+        et = version("executorch")
+    except Exception:
+        et = ver(executorch)
+    return {"firstkit": firstkit.__version__, "torch": torch.__version__, "executorch": et,
+            "transformers": transformers.__version__, "onnx": ver(onnx), "onnxruntime": ver(onnxruntime),
+            "python": platform.python_version()}
+
+
+def _method_signatures(n: int, h: int, v: int, s: int) -> dict:
+    sig = {
+        "prefill": {"inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, "T"], "T": [1, s]},
+                               {"name": "mask_override", "dtype": "int64", "shape": [n]}],
+                    "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, v]},
+                                {"name": "mask", "dtype": "int64", "shape": [n]}]},
+        "embed": {"inputs": [{"name": "token", "dtype": "int64", "shape": [1, 1]}],
+                  "outputs": [{"name": "hidden", "dtype": "float32", "shape": [1, 1, h]}]},
+        "head": {"inputs": [{"name": "hidden", "dtype": "float32", "shape": [1, 1, h]}],
+                 "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, v]}]},
+    }
+    for i in range(n):
+        sig[f"layer_{i}"] = {"inputs": [{"name": "hidden", "dtype": "float32", "shape": [1, 1, h]},
+                                        {"name": "input_pos", "dtype": "int64", "shape": [1]}],
+                             "outputs": [{"name": "hidden", "dtype": "float32", "shape": [1, 1, h]}]}
+    return sig
+
+
+def _eos_bos(first_model) -> tuple[int | None, list[int]]:
+    from firstkit.routed_model import _eos_ids
+
+    eos = _eos_ids(None, first_model.base, first_model.tokenizer)
+    bos = getattr(first_model.config, "bos_token_id", None)
+    if bos is None and first_model.tokenizer is not None:
+        bos = first_model.tokenizer.bos_token_id
+    return (int(bos) if bos is not None else None), eos
+
+
+def build_manifest(first_model, core: ExportCore, qinfo: dict, policy: str, routers_path: str | None,
+                   model_name: str) -> dict:
+    """Manifest without ``files``/``backends`` (filled in when the artifacts exist)."""
+    from firstkit.architectures import adapter_for
+
+    bos, eos = _eos_bos(first_model)
+    cfg = first_model.config
+    routing = {
+        "policy": "routers" if first_model.routers is not None else "none",
+        "description": policy,
+        "threshold": first_model.routing.threshold,
+        "threshold_logit": core.threshold_logit,
+        "never_skip": list(first_model.routing.never_skip),
+        "protected_layers": first_model.protected_layers(),
+        "routers_path": routers_path,
+    }
+    if first_model.routers is not None:
+        routing["router_dim"] = first_model.routers.router_dim
+        routing["router_meta"] = first_model.routers.meta
+    info = getattr(first_model, "info", None)
+    return {
+        "format": "firstkit-bundle",
+        "format_version": 1,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": {
+            "id": getattr(info, "model_id", None) or model_name,
+            "source": model_name,
+            "sha256": first_model.base_sha256(),
+            "architecture": adapter_for(cfg).model_type,
+            "num_layers": core.n_layers,
+            "hidden_size": core.parts.hidden_size,
+            "vocab_size": core.parts.vocab_size,
+            "num_kv_heads": core.parts.num_kv_heads,
+            "head_dim": core.parts.head_dim,
+            "bos_id": bos,
+            "eos_ids": eos,
+        },
+        "routing": routing,
+        "mask_semantics": MASK_SEMANTICS,
+        "max_seq_len": core.max_seq_len,
+        "quantization": qinfo,
+        "backends": {},
+        "versions": _versions(),
+        "files": {},
+    }
+
+
+def write_executorch(core: ExportCore, manifest: dict, out_dir: Path, quantized: bool,
+                     progress: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Export + lower every method and write ``model.pte``; returns step timings."""
+    from firstkit.runtime.bundle import PTE_FILE
+
+    from .executorch_backend import constant_methods, export_programs, to_pte_bytes
+
+    t0 = time.perf_counter()
+    programs = export_programs(core, progress)
+    t1 = time.perf_counter()
+    if progress:
+        progress("lower to XNNPACK + emit .pte")
+    bos = manifest["model"]["bos_id"]
+    buf = to_pte_bytes(programs, constant_methods(core, bos, manifest["model"]["eos_ids"]), quantized)
+    t2 = time.perf_counter()
+    (out_dir / PTE_FILE).write_bytes(buf)
+    m = manifest["model"]
+    manifest["backends"]["executorch"] = {
+        "file": PTE_FILE,
+        "delegate": "XNNPACK",
+        "methods": _method_signatures(m["num_layers"], m["hidden_size"], m["vocab_size"], manifest["max_seq_len"]),
+        "constant_methods": constant_methods(core, bos, m["eos_ids"]),
+        "shared_mutable_buffers": [f"core.{k}_cache_{i}" for i in range(m["num_layers"]) for k in "kv"],
+        "runtime_requirements": ["share memory arenas between methods (Python executorch.runtime does; C++ "
+                                 "Module(..., share_memory_arenas=true))",
+                                 "copy outputs before the next execute (outputs may alias shared arenas)",
+                                 "quantized kernels registered (8da4w)" if quantized else "portable+XNNPACK"],
+    }
+    return {"torch_export_s": t1 - t0, "lower_s": t2 - t1}
+
+
+def _atomic_publish(tmp: Path, dest: Path) -> None:
+    """Move the finished bundle into place; an existing bundle at ``dest`` is replaced."""
+    if dest.exists():
+        if not (dest / "manifest.json").is_file():
+            raise ExportError(f"{dest} exists and is not a firstkit bundle; refusing to overwrite it")
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            os.replace(old, dest)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
+def export_bundle(model: str, routers: str | None, backend: str, scheme: str, max_seq_len: int, output: Path,
+                  verify: bool = True, threads: int | None = None, verify_tokens: int = 8, atol: float = 1e-3,
+                  progress: Callable[[str], None] | None = None, first_model=None) -> ExportResult:
+    """Run every step; on any failure nothing is left at ``output``."""
+    if backend not in BACKEND_CHOICES:
+        raise ExportError(f"unknown backend {backend!r}; choose from {', '.join(BACKEND_CHOICES)}")
+    if scheme not in SCHEMES:
+        raise ExportError(f"unknown quantization {scheme!r}; choose from {', '.join(SCHEMES)}")
+    if max_seq_len < 2:
+        raise ExportError("--max-seq-len must be >= 2")
+    output = Path(output)
+    if output.exists() and not (output / "manifest.json").is_file():
+        raise ExportError(f"{output} exists and is not a firstkit bundle; refusing to overwrite it")
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    if first_model is None:
+        routers_path, policy = resolve_routers(model, routers)
+        if progress:
+            progress(f"load {model}")
+        first_model = load_first_model(model, routers_path)
+    else:
+        routers_path = None
+        policy = "routers of the given model" if first_model.routers is not None else \
+            "no routers: all layers run, mask_override decides"
+    timings["load_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if progress:
+        progress(f"quantize ({scheme})")
+    core, qinfo = build_core(first_model, scheme, max_seq_len)
+    timings["quantize_s"] = time.perf_counter() - t
+    manifest = build_manifest(first_model, core, qinfo, policy, routers_path, model)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        if backend in ("executorch", "all"):
+            timings.update({f"executorch_{k}": v for k, v in
+                            write_executorch(core, manifest, tmp, scheme != "none", progress).items()})
+        if backend in ("onnx", "all"):
+            from .onnx_backend import write_onnx
+
+            t = time.perf_counter()
+            manifest["backends"]["onnx"] = write_onnx(first_model, core, tmp, scheme, progress)
+            timings["onnx_export_s"] = time.perf_counter() - t
+        if first_model.tokenizer is not None:
+            first_model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        from firstkit.runtime.bundle import file_table, validate_manifest
+
+        manifest["files"] = file_table(tmp)
+        validate_manifest(manifest)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        verification: dict[str, dict] = {}
+        if verify:
+            from firstkit.runtime.runner import BundleRunner
+
+            from .verify import verify_bundle
+
+            for b in manifest["backends"]:
+                if progress:
+                    progress(f"verify {b}")
+                t = time.perf_counter()
+                runner = BundleRunner(tmp, backend=b, threads=threads, load_tokenizer=False)
+                verification[b] = verify_bundle(runner, first_model, scheme != "none", verify_tokens, atol)
+                del runner
+                timings[f"verify_{b}_s"] = time.perf_counter() - t
+            manifest["verification"] = {b: {k: v for k, v in r.items() if k != "cases"}
+                                        for b, r in verification.items()}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            failed = [b for b, r in verification.items() if not r["passed"]]
+            if failed:
+                detail = "; ".join(f"{b}: max |logit diff| {verification[b]['max_abs_logit_diff']:.2e}, "
+                                   f"greedy equal {verification[b]['greedy_tokens_equal']}/"
+                                   f"{verification[b]['cases_total']}, masks match "
+                                   f"{verification[b]['masks_match_eager']}" for b in failed)
+                raise ExportError(f"verification failed ({detail}); no bundle written")
+        else:
+            manifest["verification"] = None
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        _atomic_publish(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(output=output, manifest=manifest, timings=timings, verification=verification)

@@ -1,0 +1,170 @@
+"""Python runtime for bundles: prefill decides the mask, decode calls only the layers that run."""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .backends import ExecuTorchBackend, OnnxBackend
+from .bundle import BACKENDS, PTE_FILE, TOKENIZER_DIR, BundleError, manifest_sha256, read_manifest
+
+
+def parse_mask(mask: str | Sequence[int] | Sequence[bool] | None, n_layers: int,
+               protected: Sequence[int]) -> list[int]:
+    """Mask argument -> override vector (-1 = router decides, 0 = skip, 1 = run).
+
+    ``None``/``"auto"``: the routers decide; ``"all"``: every layer runs; a ``"0101"`` string or a
+    sequence of 0/1: exactly that mask (protected layers must run).
+    """
+    if mask is None or (isinstance(mask, str) and mask == "auto"):
+        return [-1] * n_layers
+    if isinstance(mask, str) and mask == "all":
+        return [1] * n_layers
+    if isinstance(mask, str):
+        if not mask or set(mask) - {"0", "1"}:
+            raise ValueError(f"mask must be 'auto', 'all' or a string of 0/1 characters, got {mask!r}")
+        bits = [int(c) for c in mask]
+    else:
+        bits = [int(b) for b in mask]
+        if any(b not in (0, 1) for b in bits):
+            raise ValueError("mask entries must be 0 or 1")
+    if len(bits) != n_layers:
+        raise ValueError(f"mask has {len(bits)} entries, the model has {n_layers} layers")
+    for i in protected:
+        if bits[i] == 0:
+            raise ValueError(f"mask skips protected layer {i} (protected: {list(protected)})")
+    return bits
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class BundleRunner:
+    """Loads a bundle (manifest + sha256 checked first) and generates with FiRST layer skipping."""
+
+    def __init__(self, path: str | Path, backend: str = "executorch", threads: int | None = None,
+                 check_hashes: bool = True, load_tokenizer: bool = True) -> None:
+        if backend not in BACKENDS:
+            raise BundleError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, check_hashes=check_hashes)
+        if backend not in self.manifest["backends"]:
+            have = ", ".join(self.manifest["backends"])
+            raise BundleError(f"{self.path}: bundle has no {backend} artifacts (it has: {have})")
+        self.backend_name = backend
+        self.threads = threads
+        model = self.manifest["model"]
+        self.n_layers: int = model["num_layers"]
+        self.max_seq_len: int = self.manifest["max_seq_len"]
+        self.eos_ids: list[int] = [int(e) for e in model["eos_ids"] if int(e) >= 0]
+        self.protected: list[int] = list(self.manifest["routing"]["protected_layers"])
+        if backend == "executorch":
+            et = self.manifest["backends"]["executorch"]
+            self.backend = ExecuTorchBackend(self.path / et.get("file", PTE_FILE), self.n_layers, threads)
+        else:
+            self.backend = OnnxBackend(self.path, self.manifest["backends"]["onnx"], self.n_layers,
+                                       self.max_seq_len, threads)
+        self.tokenizer = None
+        tok_dir = self.path / TOKENIZER_DIR
+        if load_tokenizer and tok_dir.is_dir():
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        self.sha256 = manifest_sha256(self.path)
+
+    # ------------------------------------------------------------------ tokens
+    def encode(self, prompt: str, chat: bool = True) -> list[int]:
+        """Prompt text -> ids (as a user turn through the chat template when the tokenizer has one)."""
+        if self.tokenizer is None:
+            raise BundleError(f"{self.path}: bundle has no tokenizer; pass token ids")
+        if not prompt:
+            raise ValueError("empty prompt")
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return list(self.tokenizer(prompt).input_ids)
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ generation
+    def prefill(self, ids: Sequence[int], mask: str | Sequence[int] | None = "auto"
+                ) -> tuple[torch.Tensor, list[int]]:
+        """Run prefill: (last-token logits [V], mask bits) for a prompt."""
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise ValueError("empty prompt: no tokens")
+        if len(ids) > self.max_seq_len:
+            raise ValueError(f"prompt has {len(ids)} tokens, the bundle's max_seq_len is {self.max_seq_len}")
+        override = torch.tensor(parse_mask(mask, self.n_layers, self.protected), dtype=torch.long)
+        return self.backend.prefill(torch.tensor([ids], dtype=torch.long), override)
+
+    def generate(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int = 32,
+                 mask: str | Sequence[int] | None = "auto", stream: Callable[[str], None] | None = None,
+                 chat: bool = True, stop_at_eos: bool = True) -> dict:
+        """Greedy generation; returns the run-result dict of CONTRACTS.md ("Run result JSON")."""
+        if isinstance(prompt, str):
+            ids = self.encode(prompt, chat=chat)
+        else:
+            ids = [int(t) for t in (prompt.reshape(-1).tolist() if isinstance(prompt, torch.Tensor) else prompt)]
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        t = len(ids)
+        if t > self.max_seq_len:
+            raise ValueError(f"prompt has {t} tokens, the bundle's max_seq_len is {self.max_seq_len}")
+        if t + max(max_new_tokens - 1, 0) > self.max_seq_len:
+            raise ValueError(f"prompt of {t} tokens + {max_new_tokens} new tokens needs "
+                             f"{t + max_new_tokens - 1} cache positions; the bundle's max_seq_len is "
+                             f"{self.max_seq_len}")
+        t0 = time.perf_counter()
+        logits, bits = self.prefill(ids, mask)
+        prefill_ms = (time.perf_counter() - t0) * 1000.0
+        active = [i for i, b in enumerate(bits) if b]
+        out: list[int] = []
+        decode_ms: list[float] = []
+        shown = ""
+        for step in range(max_new_tokens):
+            tok = int(torch.argmax(logits))
+            out.append(tok)
+            if stream is not None and self.tokenizer is not None:
+                text = self.decode_text(out)
+                if text.startswith(shown) and len(text) > len(shown):
+                    stream(text[len(shown):])
+                    shown = text
+            if (stop_at_eos and tok in self.eos_ids) or step == max_new_tokens - 1:
+                break
+            s = time.perf_counter()
+            logits = self.backend.decode_step(tok, t + step, active)
+            decode_ms.append((time.perf_counter() - s) * 1000.0)
+        per_tok = sum(decode_ms) / len(decode_ms) if decode_ms else 0.0
+        return {
+            "text": self.decode_text(out),
+            "tokens": out,
+            "prompt_tokens": t,
+            "mask": "".join(str(b) for b in bits),
+            "skip_ratio": (self.n_layers - len(active)) / self.n_layers,
+            "prefill_ms": prefill_ms,
+            "decode_ms_per_token": per_tok,
+            "decode_ms": decode_ms,
+            "tokens_per_s": 1000.0 / per_tok if per_tok > 0 else 0.0,
+            "peak_rss_mb": peak_rss_mb(),
+            "threads": self.threads,
+            "backend": self.backend_name,
+            "runner": "python",
+            "bundle_sha256": self.sha256,
+        }
+
+
+def load_bundle(path: str | Path, backend: str = "executorch", threads: int | None = None,
+                check_hashes: bool = True) -> BundleRunner:
+    """Open a bundle for generation (validates the manifest and every file's sha256 first)."""
+    return BundleRunner(path, backend=backend, threads=threads, check_hashes=check_hashes)
