@@ -133,7 +133,8 @@ def aarch64_executorch_root(cache: Path) -> Path:
         r = subprocess.run(cmd, capture_output=True, text=True)
         found = sorted(wheels.glob(f"executorch-{EXECUTORCH_VERSION}-*aarch64.whl"))
         if r.returncode != 0 or not found:
-            raise BuildError("cannot download the aarch64 executorch wheel: " + (r.stderr.strip().splitlines() or ["?"])[-1])
+            last = (r.stderr.strip().splitlines() or ["?"])[-1]
+            raise BuildError("cannot download the aarch64 executorch wheel: " + last)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-et-", dir=dest.parent if dest.parent.exists() else None))
     try:
         with zipfile.ZipFile(found[-1]) as z:

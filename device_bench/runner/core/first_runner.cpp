@@ -10,6 +10,7 @@
 #include <cstring>
 #include <fstream>
 #include <sstream>
+#include <unordered_map>
 #include <unordered_set>
 
 #include <executorch/devtools/etdump/etdump_flatcc.h>
@@ -285,7 +286,7 @@ class RunnerImpl final : public Runner {
     auto ov_t = et::extension::from_blob(override_buf.data(), {static_cast<int>(L)}, ScalarType::Long);
 
     auto t0 = clock::now();
-    auto pr = module_->execute("prefill", {EValue(*tok_t), EValue(*ov_t)});
+    auto pr = exec("prefill", {EValue(*tok_t), EValue(*ov_t)});
     if (!pr.ok()) throw RunnerError("prefill failed: " + err_text(pr.error()));
     const auto& outs = pr.get();
     if (outs.size() < 2 || !outs[0].isTensor() || !outs[1].isTensor())
@@ -320,17 +321,17 @@ class RunnerImpl final : public Runner {
       auto s0 = clock::now();
       token_in = next;
       pos_in = pos;
-      auto er = module_->execute("embed", EValue(*token_t));
+      auto er = exec("embed", {EValue(*token_t)});
       if (!er.ok()) throw RunnerError("embed failed: " + err_text(er.error()));
       copy_float(er.get().at(0).toTensor(), hidden);  // outputs may alias shared arenas: copy now
       if (!hidden_t)
         hidden_t = et::extension::from_blob(hidden.data(), {1, 1, static_cast<int>(hidden.size())}, ScalarType::Float);
       for (const std::string& name : layer_names) {
-        auto lr = module_->execute(name, {EValue(*hidden_t), EValue(*pos_t)});
+        auto lr = exec(name, {EValue(*hidden_t), EValue(*pos_t)});
         if (!lr.ok()) throw RunnerError(name + " failed: " + err_text(lr.error()));
         copy_float(lr.get().at(0).toTensor(), hidden);
       }
-      auto hr = module_->execute("head", EValue(*hidden_t));
+      auto hr = exec("head", {EValue(*hidden_t)});
       if (!hr.ok()) throw RunnerError("head failed: " + err_text(hr.error()));
       next = argmax(hr.get().at(0).toTensor());
       res.decode_ms.push_back(ms_since(s0));
@@ -350,6 +351,18 @@ class RunnerImpl final : public Runner {
   }
 
  private:
+  // Executes a method; with profiling on, wraps it in an ETDump event named "method:<name>" so the
+  // Inspector summary can attribute time per method (prefill, embed, layer_i, head).
+  et::runtime::Result<std::vector<EValue>> exec(const std::string& name, const std::vector<EValue>& inputs) {
+    if (!etdump_) return module_->execute(name, inputs);
+    auto it = event_names_.find(name);
+    if (it == event_names_.end()) it = event_names_.emplace(name, "method:" + name).first;
+    auto entry = etdump_->start_profiling(it->second.c_str());
+    auto r = module_->execute(name, inputs);
+    etdump_->end_profiling(entry);
+    return r;
+  }
+
   int64_t const_int(const char* name) {
     auto r = module_->execute(name);
     if (!r.ok() || r.get().empty() || !r.get()[0].isInt())
@@ -388,6 +401,7 @@ class RunnerImpl final : public Runner {
   std::unique_ptr<Module> module_;
   et::etdump::ETDumpGen* etdump_ = nullptr;  // owned by module_
   std::unique_ptr<Detokenizer> detok_;
+  std::unordered_map<std::string, std::string> event_names_;  // stable storage for ETDump event names
   int threads_ = 0;
 };
 

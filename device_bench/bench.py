@@ -1,0 +1,605 @@
+"""first-bench orchestration: bundle checks, targets (local host or adb device), runs, resume, faults."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .adb import Adb, AdbError, quote_cmd
+from .build_runner import BuildError, RunnerPackage, build, host_target, target_for_abi
+from .store import RECORD_SCHEMA, ResultStore, config_key
+
+SIGNAMES = {getattr(signal, n): n for n in dir(signal) if n.startswith("SIG") and not n.startswith("SIG_")}
+
+
+class BenchError(RuntimeError):
+    """A clear, one-line failure (bad bundle, device gone, runner crash...)."""
+
+
+# ----------------------------------------------------------------------------------------------- bundle
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+    sha256: str                 # sha256 of manifest.json: the bundle's identity
+    files: list[str]            # relative paths the native runner needs (pushed to devices)
+    pte: str
+    num_layers: int | None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _listed(manifest: dict) -> list[tuple[str, str | None, int | None]]:
+    """(path, sha256, size) of the manifest's file listing, whatever its shape."""
+    files = manifest.get("files")
+    out: list[tuple[str, str | None, int | None]] = []
+    if isinstance(files, dict):
+        for name, v in files.items():
+            if isinstance(v, str):
+                out.append((name, v, None))
+            elif isinstance(v, dict):
+                out.append((name, v.get("sha256"), v.get("size", v.get("bytes"))))
+    elif isinstance(files, list):
+        for v in files:
+            if isinstance(v, dict):
+                name = v.get("path") or v.get("name") or v.get("file")
+                if name:
+                    out.append((name, v.get("sha256"), v.get("size", v.get("bytes"))))
+    return out
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Check a bundle before anything is pushed: manifest parses, files exist, sizes and sha256 match."""
+    p = Path(path)
+    mp = p / "manifest.json"
+    if not p.is_dir():
+        raise BenchError(f"bundle {p} is not a directory")
+    if not mp.is_file():
+        raise BenchError(f"bundle {p} has no manifest.json (not a first-export bundle)")
+    try:
+        manifest = json.loads(mp.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BenchError(f"bundle manifest {mp} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict):
+        raise BenchError(f"bundle manifest {mp} is not a JSON object")
+    ex = manifest.get("executorch") if isinstance(manifest.get("executorch"), dict) else {}
+    pte = ex.get("file") or ex.get("pte") or ex.get("path") or manifest.get("pte") or "model.pte"
+    if not (p / pte).is_file():
+        raise BenchError(f"bundle {p} has no ExecuTorch program {pte}")
+    for name, sha, size in _listed(manifest):
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise BenchError(f"manifest lists a file outside the bundle: {name}")
+        fp = p / name
+        if not fp.exists():
+            raise BenchError(f"bundle file missing: {name}")
+        if fp.is_dir():
+            continue
+        if size is not None and fp.stat().st_size != int(size):
+            raise BenchError(f"bundle file {name} has {fp.stat().st_size} bytes, manifest says {size}")
+        if sha and _sha256(fp) != sha:
+            raise BenchError(f"bundle file {name} does not match its sha256 in the manifest (corrupted?)")
+    files = ["manifest.json", pte]
+    tok = p / "tokenizer"
+    if tok.is_dir():
+        files += sorted(str(f.relative_to(p)) for f in tok.rglob("*") if f.is_file())
+    nl = None
+    for cand in (manifest.get("num_layers"), manifest.get("n_layers"),
+                 (manifest.get("model") or {}).get("num_layers") if isinstance(manifest.get("model"), dict) else None):
+        if isinstance(cand, int):
+            nl = cand
+            break
+    return Bundle(p.resolve(), manifest, _sha256(mp), files, pte, nl)
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+DEFAULT_PROMPT_TEXT = (
+    "The history of computing is a story of ever smaller machines doing ever larger jobs. Early "
+    "computers filled rooms and were programmed with switches and punched cards; today a phone in a "
+    "pocket runs language models that answer questions, summarize articles and translate between "
+    "languages. Running such models on the device keeps data private and works without a network, but "
+    "phones have little memory and a tight power budget, so every layer that can be skipped matters. ")
+
+
+def make_prompt(bundle: Bundle, length: int, vocab_size: int, bos_id: int, text: str | None = None) -> list[int]:
+    """``length`` token ids: the bundle's tokenizer on a fixed English text (repeated), else fixed ids."""
+    ids: list[int] = []
+    tok_dir = bundle.path / "tokenizer"
+    if tok_dir.is_dir():
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(tok_dir))
+            base = tok.encode(text or DEFAULT_PROMPT_TEXT, add_special_tokens=False)
+            if base:
+                ids = [bos_id] if bos_id >= 0 else []
+                while len(ids) < length:
+                    ids += base
+        except Exception:  # noqa: BLE001 - fall back to synthetic ids
+            ids = []
+    if not ids:
+        lo = 3 if vocab_size > 16 else 0
+        ids = ([bos_id] if 0 <= bos_id < vocab_size else []) + [
+            lo + (i * 7919 + 13) % max(1, vocab_size - lo) for i in range(length)]
+    return [int(x) for x in ids[:length]]
+
+
+# ----------------------------------------------------------------------------------------------- targets
+@dataclass
+class RunOutcome:
+    returncode: int
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+
+
+class Target:
+    """Where the runner runs: the host (``--local``) or an adb device."""
+
+    name: str = "?"
+    model: str = ""
+    runner_target: str = ""
+    emulated: bool = False
+
+    def probe(self) -> None: ...
+    def prepare(self, bundle: Bundle, pkg: RunnerPackage, log: Callable[[str], None]) -> tuple[str, str]: ...
+    def session_dir(self) -> str: ...
+    def write_text(self, remote: str, text: str) -> None: ...
+    def run(self, argv: list[str], env: dict[str, str], timeout: float) -> RunOutcome: ...
+    def fetch(self, remote: str, local: Path) -> bool: ...
+    def kill(self, pidfile: str) -> None: ...
+    def recover(self) -> bool:
+        return False
+    def cleanup(self, purge: bool) -> None: ...
+
+
+class LocalTarget(Target):
+    """The runner on this host (an edge board running firstkit itself)."""
+
+    def __init__(self) -> None:
+        import platform
+
+        self.name = "local"
+        self.model = platform.node() or "host"
+        self.runner_target = host_target()
+        self._session: str | None = None
+
+    def probe(self) -> None:
+        pass
+
+    def prepare(self, bundle: Bundle, pkg: RunnerPackage, log: Callable[[str], None]) -> tuple[str, str]:
+        return str(bundle.path), str(pkg.path)
+
+    def session_dir(self) -> str:
+        if self._session is None:
+            self._session = tempfile.mkdtemp(prefix="firstkit-bench-")
+        return self._session
+
+    def write_text(self, remote: str, text: str) -> None:
+        Path(remote).write_text(text)
+
+    def run(self, argv: list[str], env: dict[str, str], timeout: float) -> RunOutcome:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                                env={**os.environ, **env}, start_new_session=True, stdin=subprocess.DEVNULL)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            return RunOutcome(-9, out, err, timed_out=True)
+        rc = proc.returncode
+        return RunOutcome(128 - rc if rc < 0 else rc, out, err)
+
+    def fetch(self, remote: str, local: Path) -> bool:
+        if not os.path.exists(remote):
+            return False
+        shutil.copyfile(remote, local)
+        return True
+
+    def kill(self, pidfile: str) -> None:
+        pass  # the process group was killed in run()
+
+    def cleanup(self, purge: bool) -> None:
+        if self._session:
+            shutil.rmtree(self._session, ignore_errors=True)
+            self._session = None
+
+
+class AdbTarget(Target):
+    """A device reached with the real adb client."""
+
+    def __init__(self, adb: Adb, serial: str, device_dir: str | None = None, runner_dir: str | None = None,
+                 reconnect_s: float = 20.0) -> None:
+        self.adb = adb.for_device(serial)
+        self.name = serial
+        self.base = device_dir
+        self.reconnect_s = reconnect_s
+        self.session = f"session-{uuid.uuid4().hex[:12]}"
+        self._prepared: list[str] = []
+
+    def probe(self) -> None:
+        if self.adb.state() != "device":
+            self.adb.connect(self.name)
+            if self.adb.state() != "device":
+                raise BenchError(f"device {self.name} is not online (adb get-state: {self.adb.state()})")
+        script = ('echo "tmp=${TMPDIR:-/tmp}"; echo "machine=$(uname -m 2>/dev/null)"; '
+                  'echo "abi=$(getprop ro.product.cpu.abi 2>/dev/null)"; '
+                  'echo "sdk=$(getprop ro.build.version.sdk 2>/dev/null)"; '
+                  'echo "model=$(getprop ro.product.model 2>/dev/null)"; '
+                  'echo "wrapper=${FIRSTKIT_RUNNER_WRAPPER:-}"; echo "cpus=$(nproc 2>/dev/null)"')
+        r = self.adb.shell(script, timeout=30)
+        props = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+        self.props = props
+        android = bool(props.get("sdk"))
+        abi = props.get("abi") if android else props.get("machine")
+        if not abi:
+            raise BenchError(f"device {self.name}: cannot read its ABI (uname -m / getprop ro.product.cpu.abi)")
+        self.runner_target = target_for_abi(abi, android)
+        self.emulated = "qemu" in props.get("wrapper", "")
+        self.model = props.get("model") or next((d.get("model", "") for d in self._devices()
+                                                 if d["serial"] == self.name), "")
+        if self.base is None:
+            self.base = ("/data/local/tmp" if android else props.get("tmp") or "/tmp").rstrip("/") + "/firstkit"
+
+    def _devices(self) -> list[dict]:
+        try:
+            return self.adb.devices()
+        except AdbError:
+            return []
+
+    @property
+    def _session(self) -> str:
+        return f"{self.base}/{self.session}"
+
+    def session_dir(self) -> str:
+        return self._session
+
+    def _remote_hashes(self, paths: list[str]) -> dict[str, str]:
+        if not paths:
+            return {}
+        r = self.adb.shell(f"sha256sum {quote_cmd(paths)} 2>/dev/null", timeout=300)
+        out = {}
+        for line in r.stdout.splitlines():
+            parts = line.split(None, 1)
+            if len(parts) == 2 and len(parts[0]) == 64:
+                out[parts[1].lstrip("*").strip()] = parts[0]
+        return out
+
+    def _sync(self, local_root: Path, rel: list[str], remote_root: str, log: Callable[[str], None]) -> int:
+        """Push the files whose sha256 differs on the device; verify after pushing. Returns files pushed."""
+        want = {f"{remote_root}/{r}": _sha256(local_root / r) for r in rel}
+        have = self._remote_hashes(list(want))
+        todo = [(r, f"{remote_root}/{r}") for r in rel if have.get(f"{remote_root}/{r}") != want[f"{remote_root}/{r}"]]
+        for r, remote in todo:
+            log(f"push {r}")
+            self.adb.push(str(local_root / r), remote)
+        if todo:
+            got = self._remote_hashes([remote for _, remote in todo])
+            bad = [r for r, remote in todo if got.get(remote) != want[remote]]
+            if bad:
+                raise BenchError(f"device {self.name}: sha256 mismatch after push for {', '.join(bad)}")
+        return len(todo)
+
+    def prepare(self, bundle: Bundle, pkg: RunnerPackage, log: Callable[[str], None]) -> tuple[str, str]:
+        rbundle = f"{self.base}/bundles/{bundle.sha256[:16]}"
+        rrunner = f"{self.base}/runners/{pkg.path.name}"
+        self.adb.shell(["mkdir", "-p", self._session, rbundle, rrunner], timeout=30, check=True)
+        for local_root, rel, remote_root in ((pkg.path, [str(f) for f in pkg.files()], rrunner),
+                                             (bundle.path, bundle.files, rbundle)):
+            try:
+                n = self._sync(local_root, rel, remote_root, log)
+            except AdbError as e:
+                # never leave a half-pushed folder behind: it would look cached next time
+                try:
+                    self.adb.shell(["rm", "-rf", remote_root, self._session], timeout=60)
+                except AdbError:
+                    pass
+                hint = " (device storage full: free space or run with --purge)" if "space" in str(e).lower() else ""
+                raise BenchError(f"device {self.name}: {e}{hint}; device folder cleaned") from e
+            log(f"{remote_root}: {n} file(s) pushed, {len(rel) - n} unchanged")
+        self.adb.shell(["chmod", "755", f"{rrunner}/run.sh", f"{rrunner}/first_runner"], timeout=30, check=True)
+        return rbundle, rrunner
+
+    def write_text(self, remote: str, text: str) -> None:
+        with tempfile.NamedTemporaryFile("w", delete=False, suffix=".txt") as f:
+            f.write(text)
+        try:
+            self.adb.push(f.name, remote)
+        finally:
+            os.unlink(f.name)
+
+    def run(self, argv: list[str], env: dict[str, str], timeout: float) -> RunOutcome:
+        cmd = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + quote_cmd(argv)
+        try:
+            r = self.adb.shell(cmd, timeout=timeout)
+        except AdbError as e:
+            if e.kind == "timeout":
+                return RunOutcome(-9, "", str(e), timed_out=True)
+            raise
+        return RunOutcome(r.returncode, r.stdout, r.stderr)
+
+    def fetch(self, remote: str, local: Path) -> bool:
+        r = self.adb.shell(f"test -f {shlex.quote(remote)}", timeout=30)
+        if r.returncode != 0:
+            return False
+        self.adb.pull(remote, str(local))
+        return True
+
+    def kill(self, pidfile: str) -> None:
+        q = shlex.quote(pidfile)
+        try:
+            self.adb.shell(f'test -f {q} && kill -9 "$(cat {q})" 2>/dev/null; true', timeout=30)
+        except AdbError:
+            pass
+
+    def recover(self) -> bool:
+        return self.adb.wait_online(self.reconnect_s)
+
+    def cleanup(self, purge: bool) -> None:
+        paths = [self.base] if purge else [self._session]
+        try:
+            self.adb.shell(["rm", "-rf", *paths], timeout=60, check=True)
+        except AdbError as e:
+            raise BenchError(f"device {self.name}: could not clean {paths[0]}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------- bench
+@dataclass
+class Settings:
+    runs: int = 3
+    warmup: int = 1
+    masks: list[str] = field(default_factory=lambda: ["all", "auto"])
+    prompt_lengths: list[int] = field(default_factory=lambda: [32])
+    threads: list[int] = field(default_factory=lambda: [2])
+    max_new_tokens: int = 32
+    timeout: float = 600.0
+    retries: int = 1
+    profile: bool = False
+    reference: bool = True
+    purge: bool = False
+    prompt_text: str | None = None
+    runner_dir: str | None = None
+    cache_dir: str | None = None
+    profile_dir: str | None = None
+
+
+@dataclass
+class TargetReport:
+    name: str
+    errors: list[str] = field(default_factory=list)
+    new_runs: int = 0
+    skipped_configs: int = 0
+    profiles: list[dict] = field(default_factory=list)
+    emulated: bool = False
+
+
+def _describe_failure(o: RunOutcome, timeout: float) -> str:
+    if o.timed_out:
+        return f"runner timed out after {timeout:.0f} s (hung?) and was killed"
+    if o.returncode >= 128:
+        sig = o.returncode - 128
+        return f"runner crashed ({SIGNAMES.get(sig, 'signal')} {sig})"
+    msg = [ln for ln in o.stderr.splitlines() if "first_runner: error" in ln or "error" in ln.lower()]
+    return (msg[-1].strip() if msg else f"runner failed with exit status {o.returncode}")
+
+
+class References:
+    """Host-side reference tokens (Python ExecuTorch runtime on the same .pte), computed once each."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self._ref = None
+        self._cache: dict[tuple, list[int]] = {}
+        self._lock = threading.Lock()
+        self.error: str | None = None
+
+    def tokens(self, prompt: list[int], max_new: int, override: list[int] | None) -> list[int] | None:
+        key = (tuple(prompt), max_new, tuple(override) if override is not None else None)
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+            if self.error:
+                return None
+            try:
+                if self._ref is None:
+                    from .testing.pyref import PythonReference
+
+                    self._ref = PythonReference(self.bundle.path, self.bundle.pte)
+                toks, _ = self._ref.generate(prompt, max_new, override, stop_at_eos=False)
+            except Exception as e:  # noqa: BLE001 - reported, not fatal: tokens_match becomes null
+                self.error = f"reference run failed: {e}"
+                return None
+            self._cache[key] = toks
+            return toks
+
+
+def mask_override(spec: str, n_layers: int) -> list[int] | None:
+    if spec == "auto":
+        return None
+    if spec == "all":
+        return [1] * n_layers
+    return [int(c) for c in spec]
+
+
+def bench_target(target: Target, bundle: Bundle, s: Settings, store: ResultStore, refs: References | None,
+                 log: Callable[[str], None], progress: Callable[[int], None] | None = None) -> TargetReport:
+    """Run every configuration that is not complete in the store on one target."""
+    rep = TargetReport(target.name)
+    try:
+        target.probe()
+        rep.emulated = target.emulated
+        if s.runner_dir:
+            rd = Path(s.runner_dir)
+            if not (rd / "run.sh").is_file() or not (rd / "first_runner").is_file():
+                raise BenchError(f"--runner-dir {rd} has no run.sh + first_runner (see first-build-runner)")
+            pkg = RunnerPackage(rd.resolve(), target.runner_target, "custom", True, 0.0)
+        else:
+            pkg = build(target.runner_target, s.cache_dir)
+        rbundle, rrunner = target.prepare(bundle, pkg, log)
+        sess = target.session_dir()
+        launcher = f"{rrunner}/run.sh"
+        info_run = target.run([launcher, "--bundle", rbundle, "--info", "--no-verify"], {}, min(s.timeout, 300))
+        if info_run.returncode != 0:
+            raise BenchError(f"runner cannot open the bundle: {_describe_failure(info_run, s.timeout)}")
+        info = json.loads(info_run.stdout.strip().splitlines()[-1])
+        n_layers = int(info["num_layers"])
+        if info["bundle_sha256"] != bundle.sha256:
+            raise BenchError("bundle on the device differs from the host's (manifest sha256)")
+        for m in s.masks:
+            if m not in ("auto", "all") and len(m) != n_layers:
+                raise BenchError(f"mask {m} has {len(m)} bits, the model has {n_layers} layers")
+        done = store.counts()
+        base_rec = {"schema": RECORD_SCHEMA, "device": target.name, "device_model": target.model,
+                    "target": target.runner_target, "emulated": target.emulated, "bundle_sha256": bundle.sha256,
+                    "runner_key": pkg.key, "max_new_tokens": s.max_new_tokens, "warmup": s.warmup}
+        for plen in s.prompt_lengths:
+            if plen + s.max_new_tokens - 1 > int(info["max_seq_len"]):
+                raise BenchError(f"prompt length {plen} + {s.max_new_tokens} new tokens exceeds the bundle's "
+                                 f"max_seq_len {info['max_seq_len']}")
+            prompt = make_prompt(bundle, plen, int(info["vocab_size"]), int(info["bos_id"]), s.prompt_text)
+            pfile = f"{sess}/prompt-{plen}.txt"
+            target.write_text(pfile, ",".join(map(str, prompt)))
+            for th in s.threads:
+                for spec in s.masks:
+                    rec0 = {**base_rec, "mask_spec": spec, "prompt_len": plen, "threads": th}
+                    remaining = s.runs - done.get(config_key(rec0), 0)
+                    if remaining <= 0:
+                        rep.skipped_configs += 1
+                        if progress:
+                            progress(s.runs)
+                        continue
+                    expected = None
+                    if refs is not None:
+                        expected = refs.tokens(prompt, s.max_new_tokens, mask_override(spec, n_layers))
+                    err = _run_config(target, s, store, rec0, spec, th, pfile, rbundle, launcher, remaining,
+                                      expected, rep, log, progress)
+                    if err:
+                        rep.errors.append(f"{target.name}: mask {spec}, pp {plen}, {th} threads: {err}")
+            if s.profile:
+                th = s.threads[0]
+                for spec in s.masks:
+                    rep.profiles.append(_profile(target, s, spec, th, plen, pfile, rbundle, launcher, log))
+                s = Settings(**{**s.__dict__, "profile": False})  # profile the first prompt length only
+    except (BenchError, BuildError, AdbError) as e:
+        msg = str(e)
+        rep.errors.append(msg if msg.startswith(target.name) else f"{target.name}: {msg}")
+    finally:
+        try:
+            target.cleanup(s.purge)
+        except (BenchError, AdbError) as e:
+            rep.errors.append(str(e))
+    return rep
+
+
+def _run_config(target: Target, s: Settings, store: ResultStore, rec0: dict, spec: str, threads: int, pfile: str,
+                rbundle: str, launcher: str, remaining: int, expected: list[int] | None, rep: TargetReport,
+                log: Callable[[str], None], progress: Callable[[int], None] | None) -> str | None:
+    """Measured runs of one configuration, with retries; every finished run is stored. Error text or None."""
+    sess = target.session_dir()
+    attempt, last_err = 0, None
+    run_index = s.runs - remaining
+    while remaining > 0 and attempt <= s.retries:
+        tag = f"{spec}-{rec0['prompt_len']}-{threads}-{attempt}-{uuid.uuid4().hex[:6]}"
+        out, pid = f"{sess}/out-{tag}.jsonl", f"{sess}/pid-{tag}"
+        argv = [launcher, "--bundle", rbundle, "--prompt-ids-file", pfile, "--max-new-tokens", str(s.max_new_tokens),
+                "--threads", str(threads), "--mask", spec, "--warmup", str(s.warmup if attempt == 0 else 0),
+                "--runs", str(remaining), "--ignore-eos", "--no-verify", "--out", out]
+        err = None
+        try:
+            o = target.run(argv, {"FIRSTKIT_PIDFILE": pid}, s.timeout)
+            if o.returncode != 0:
+                err = _describe_failure(o, s.timeout)
+                if o.timed_out:
+                    target.kill(pid)
+        except AdbError as e:
+            if e.kind != "offline":
+                raise
+            err = f"device disconnected during the run ({e})"
+            log(f"{target.name}: {err}; reconnecting")
+            if not target.recover():
+                raise BenchError(f"{target.name}: device disconnected during the run and did not come back; "
+                                 "finished runs are kept, rerun the same command to resume") from e
+            log(f"{target.name}: reconnected, resuming")
+        # collect every run that finished, even after a failure
+        got = 0
+        with tempfile.TemporaryDirectory() as td:
+            local = Path(td) / "out.jsonl"
+            try:
+                present = target.fetch(out, local)
+            except AdbError as e:
+                present = False
+                err = err or f"cannot pull results: {e}"
+            if present:
+                recs = []
+                for line in local.read_text(errors="replace").splitlines():
+                    try:
+                        res = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # torn line of a run that did not finish
+                    match = None if expected is None else (res.get("tokens") == expected)
+                    recs.append({**rec0, "run_index": run_index + got, "result": res, "tokens_match": match,
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                    got += 1
+                store.append(recs)
+        rep.new_runs += got
+        remaining -= got
+        run_index += got
+        if progress and got:
+            progress(got)
+        if err is None and remaining > 0:
+            err = f"runner exited without finishing {remaining} run(s)"
+        if err:
+            last_err = err
+            log(f"{target.name}: mask {spec}: {err}" + (f" ({got} finished run(s) kept)" if got else ""))
+            attempt += 1
+    if remaining > 0:
+        if progress:
+            progress(remaining)
+        return f"{last_err}; {remaining} run(s) missing (rerun to resume)"
+    return None
+
+
+def _profile(target: Target, s: Settings, spec: str, threads: int, plen: int, pfile: str, rbundle: str,
+             launcher: str, log: Callable[[str], None]) -> dict:
+    """One ETDump-recorded run, pulled back and summarized per method."""
+    from .profile import summarize_etdump
+
+    sess = target.session_dir()
+    remote = f"{sess}/profile-{spec}-{plen}-{threads}.etdp"
+    argv = [launcher, "--bundle", rbundle, "--prompt-ids-file", pfile, "--max-new-tokens", str(s.max_new_tokens),
+            "--threads", str(threads), "--mask", spec, "--runs", "1", "--ignore-eos", "--no-verify",
+            "--etdump", remote]
+    o = target.run(argv, {}, s.timeout)
+    entry = {"device": target.name, "mask_spec": spec, "prompt_len": plen, "threads": threads,
+             "emulated": target.emulated}
+    if o.returncode != 0:
+        entry["error"] = _describe_failure(o, s.timeout)
+        return entry
+    pdir = Path(s.profile_dir or tempfile.mkdtemp(prefix="firstkit-profile-"))
+    pdir.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in target.name)
+    local = pdir / f"profile_{safe}_{spec}_{plen}_{threads}.etdp"
+    if not target.fetch(remote, local):
+        entry["error"] = "ETDump file not produced"
+        return entry
+    entry["etdump"] = str(local)
+    entry["summary"] = summarize_etdump(str(local))
+    log(f"{target.name}: profiled mask {spec} -> {local}")
+    return entry

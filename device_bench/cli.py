@@ -1,0 +1,208 @@
+"""``first-bench``: benchmark a firstkit bundle with the native runner on adb devices or this host.
+
+    first-bench BUNDLE [--device SERIAL ...|--all-devices|--local] [--runs N] [--warmup N]
+                [--masks auto,all,BITS...] [--prompt-lengths ...] [--threads ...] [--out results.jsonl]
+                [--json] [--profile]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import click
+
+from .adb import Adb, AdbError
+from .bench import AdbTarget, BenchError, LocalTarget, References, Settings, Target, bench_target, load_bundle
+from .report import format_table, summarize, write_plots
+from .store import ResultStore
+
+
+def _csv(values: tuple[str, ...]) -> list[str]:
+    out: list[str] = []
+    for v in values:
+        out += [x.strip() for x in v.split(",") if x.strip()]
+    return out
+
+
+def _ints(values: tuple[str, ...], name: str, lo: int) -> list[int]:
+    out = []
+    for x in _csv(values):
+        try:
+            n = int(x)
+        except ValueError as e:
+            raise click.BadParameter(f"{x!r} is not an integer", param_hint=name) from e
+        if n < lo:
+            raise click.BadParameter(f"{n} must be >= {lo}", param_hint=name)
+        out.append(n)
+    return out
+
+
+def _clean(v):
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    return v
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--device", "devices", multiple=True, metavar="SERIAL",
+              help="adb device serial (repeatable; host:port devices are adb-connected first).")
+@click.option("--all-devices", is_flag=True, help="Every device `adb devices` lists as online.")
+@click.option("--local", is_flag=True, help="Run the native runner on this host.")
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True,
+              help="Measured runs per configuration.")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Warm-up runs per configuration.")
+@click.option("--masks", multiple=True, default=("all,auto",), show_default=True,
+              help="auto (routers decide), all, or BITS (one 0/1 per layer, 1 = runs); comma separated.")
+@click.option("--prompt-lengths", multiple=True, default=("32",), show_default=True, help="Prompt tokens, e.g. 16,64.")
+@click.option("--threads", "threads_opt", multiple=True, default=("2",), show_default=True,
+              help="Thread counts, e.g. 1,2.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True,
+              help="Tokens generated per run (EOS ignored, so every run generates this many).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default="results.jsonl", show_default=True,
+              help="Append-only JSONL store (resumable: finished runs are not repeated).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per configuration on stdout.")
+@click.option("--profile", is_flag=True, help="Record an ExecuTorch ETDump per mask on the device and summarize it.")
+@click.option("--timeout", type=click.FloatRange(1), default=600.0, show_default=True,
+              help="Seconds one runner invocation may take before it is killed.")
+@click.option("--retries", type=click.IntRange(0), default=1, show_default=True,
+              help="Retries of a configuration after a crash, hang or disconnect.")
+@click.option("--plots/--no-plots", default=True, show_default=True,
+              help="Write <out>_decode.png and <out>_prefill.png.")
+@click.option("--reference/--no-reference", default=True, show_default=True,
+              help="Compare tokens with the Python ExecuTorch runtime on the host (tokens_match).")
+@click.option("--device-dir", default=None, help="Folder on the device [/data/local/tmp/firstkit or $TMPDIR/firstkit].")
+@click.option("--runner-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Use this packaged runner (e.g. an Android NDK build) instead of building one.")
+@click.option("--purge", is_flag=True, help="Also delete the cached bundle and runner on the device at the end.")
+@click.option("--prompt", "prompt_text", default=None,
+              help="Text the prompts are made of (tokenized with the bundle's tokenizer).")
+@click.option("--adb", "adb_path", default=None, help="adb client binary [adb on PATH, else adbutils' copy].")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Runner build cache.")
+def main(bundle: str, devices: tuple[str, ...], all_devices: bool, local: bool, runs: int, warmup: int,
+         masks: tuple[str, ...], prompt_lengths: tuple[str, ...], threads_opt: tuple[str, ...], max_new_tokens: int,
+         out_path: str, as_json: bool, profile: bool, timeout: float, retries: int, plots: bool, reference: bool,
+         device_dir: str | None, runner_dir: str | None, purge: bool, prompt_text: str | None,
+         adb_path: str | None, cache_dir: str | None) -> None:
+    """Benchmark BUNDLE (a first-export bundle) base vs layer skipping with the native runner."""
+    from tqdm import tqdm
+
+    if not (devices or all_devices or local):
+        raise click.UsageError("say where to run: --device SERIAL, --all-devices or --local")
+    mask_list = _csv(masks)
+    for m in mask_list:
+        if m not in ("auto", "all") and (not m or set(m) - {"0", "1"}):
+            raise click.BadParameter(f"{m!r}: use auto, all or a string of 0/1", param_hint="--masks")
+    added_all = "all" not in mask_list
+    if added_all:
+        mask_list.insert(0, "all")  # the speedup baseline
+    mask_list = list(dict.fromkeys(mask_list))
+    settings = Settings(runs=runs, warmup=warmup, masks=mask_list,
+                        prompt_lengths=_ints(prompt_lengths, "--prompt-lengths", 1),
+                        threads=_ints(threads_opt, "--threads", 1), max_new_tokens=max_new_tokens, timeout=timeout,
+                        retries=retries, profile=profile, reference=reference, purge=purge, prompt_text=prompt_text,
+                        runner_dir=runner_dir, cache_dir=cache_dir,
+                        profile_dir=str(Path(out_path).with_suffix("")) + "_profiles")
+    try:
+        b = load_bundle(bundle)
+        store = ResultStore(out_path)
+    except (BenchError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+
+    targets: list[Target] = []
+    if devices or all_devices:
+        try:
+            adb = Adb(adb_path)
+            adb.start_server()
+            serials = list(dict.fromkeys(devices))
+            for s in serials:
+                if ":" in s:
+                    try:
+                        adb.connect(s)
+                    except AdbError as e:
+                        raise click.ClickException(str(e)) from e
+            listed = adb.devices()
+            if all_devices:
+                serials += [d["serial"] for d in listed if d["state"] == "device" and d["serial"] not in serials]
+                if not serials:
+                    raise click.ClickException("no online adb device (adb devices lists none)")
+            states = {d["serial"]: d["state"] for d in listed}
+            for s in serials:
+                if states.get(s) != "device":
+                    raise click.ClickException(f"device {s} is {states.get(s, 'not connected')} (see adb devices)")
+            targets += [AdbTarget(adb, s, device_dir, runner_dir) for s in serials]
+        except AdbError as e:
+            raise click.ClickException(str(e)) from e
+    if local:
+        targets.append(LocalTarget())
+
+    def log(msg: str) -> None:
+        tqdm.write(msg, file=sys.stderr)
+
+    refs = References(b) if reference else None
+    n_cfg = len(settings.masks) * len(settings.prompt_lengths) * len(settings.threads)
+    bars = {t.name: tqdm(total=n_cfg * runs, desc=t.name, position=i, unit="run", file=sys.stderr, leave=False,
+                         disable=None) for i, t in enumerate(targets)}
+    lock = threading.Lock()
+
+    def work(t: Target):
+        def prog(n: int) -> None:
+            with lock:
+                bars[t.name].update(n)
+        return bench_target(t, b, settings, store, refs, log, prog)
+
+    with ThreadPoolExecutor(max_workers=max(1, len(targets))) as pool:
+        reports = list(pool.map(work, targets))
+    for bar in bars.values():
+        bar.close()
+
+    names = {t.name for t in targets}
+    records = [r for r in store.records() if r["bundle_sha256"] == b.sha256 and r["device"] in names
+               and r["max_new_tokens"] == max_new_tokens and r["mask_spec"] in settings.masks
+               and r["prompt_len"] in settings.prompt_lengths and r["threads"] in settings.threads]
+    rows = summarize(records)
+    settings_line = {"bundle": str(b.path), "bundle_sha256": b.sha256[:12], "runs": runs, "warmup": warmup,
+                     "masks": ",".join(settings.masks) + (" ('all' added as baseline)" if added_all else ""),
+                     "prompt_lengths": ",".join(map(str, settings.prompt_lengths)),
+                     "threads": ",".join(map(str, settings.threads)), "max_new_tokens": max_new_tokens,
+                     "store": out_path}
+    table = format_table(rows, settings_line)
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps({k: _clean(v) for k, v in r.items()}, sort_keys=True))
+        click.echo(table, err=True)
+    else:
+        click.echo(table)
+    if refs is not None and refs.error:
+        click.echo(f"note: tokens_match unavailable: {refs.error}", err=True)
+    for rep in reports:
+        for p in rep.profiles:
+            from .profile import format_profile
+
+            title = f"{p['device']} mask {p['mask_spec']} pp {p['prompt_len']} {p['threads']} thr" + (
+                " (qemu: not real timings)" if p.get("emulated") else "")
+            click.echo(format_profile(p["summary"], title) if "summary" in p else f"profile {title}: {p['error']}",
+                       err=as_json)
+    if profile:
+        pj = Path(settings.profile_dir) / "profiles.json"
+        pj.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pj.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps([p for rep in reports for p in rep.profiles], indent=2))
+        tmp.replace(pj)
+    if plots and rows:
+        for p in write_plots(rows, str(Path(out_path).with_suffix(""))):
+            click.echo(f"plot: {p}", err=True)
+    failed = [e for rep in reports for e in rep.errors]
+    for e in failed:
+        click.echo(f"error: {e}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Summaries of bench records: per-configuration statistics, the llama-bench-style table, PNG plots."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from .store import config_key
+
+
+def _stats(xs: list[float]) -> tuple[float, float]:
+    """(median, sample standard deviation); sd is 0 for a single value."""
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.median(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per configuration: medians and spreads of the runs, speedup vs the ``all`` mask."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[config_key(r)].append(r)
+    rows = []
+    for _key, recs in groups.items():
+        first = recs[0]
+        res = [r["result"] for r in recs]
+        prefill_ms = [float(x["prefill_ms"]) for x in res]
+        prefill_tps = [1000.0 * float(x["prompt_tokens"]) / float(x["prefill_ms"]) for x in res if x["prefill_ms"] > 0]
+        decode_tps = [float(x["tokens_per_s"]) for x in res if x.get("decode_ms")]
+        rss = [float(x.get("peak_rss_mb") or 0.0) for x in res]
+        pm, ps = _stats(prefill_ms)
+        ptm, pts = _stats(prefill_tps)
+        dm, ds = _stats(decode_tps)
+        matches = [r.get("tokens_match") for r in recs]
+        token_sets = {tuple(x["tokens"]) for x in res}
+        if any(m is False for m in matches) or len(token_sets) > 1:
+            match = False
+        elif matches and all(m is True for m in matches):
+            match = True
+        else:
+            match = None
+        masks = sorted({x["mask"] for x in res})
+        rows.append({
+            "device": first["device"], "device_model": first.get("device_model", ""), "target": first.get("target"),
+            "emulated": bool(first.get("emulated")), "bundle_sha256": first["bundle_sha256"],
+            "mask_spec": first["mask_spec"], "mask": masks[0] if len(masks) == 1 else ",".join(masks),
+            "skip_ratio": float(res[0]["skip_ratio"]), "prompt_len": first["prompt_len"],
+            "prompt_tokens": int(res[0]["prompt_tokens"]), "threads": first["threads"],
+            "max_new_tokens": first["max_new_tokens"], "generated": statistics.median(len(x["tokens"]) for x in res),
+            "runs": len(recs), "prefill_ms": pm, "prefill_ms_sd": ps, "prefill_tokens_per_s": ptm,
+            "prefill_tokens_per_s_sd": pts, "decode_tokens_per_s": dm, "decode_tokens_per_s_sd": ds,
+            "decode_ms_per_token": (1000.0 / dm) if dm and dm == dm and dm > 0 else float("nan"),
+            "peak_rss_mb": max(rss) if rss else 0.0, "tokens_match": match,
+        })
+    base = {(r["device"], r["bundle_sha256"], r["target"], r["prompt_len"], r["threads"], r["max_new_tokens"]):
+            r for r in rows if r["mask_spec"] == "all"}
+    for r in rows:
+        b = base.get((r["device"], r["bundle_sha256"], r["target"], r["prompt_len"], r["threads"], r["max_new_tokens"]))
+        ok = b is not None and b["decode_tokens_per_s"] > 0 and b["prefill_ms"] > 0
+        r["speedup_vs_all"] = r["decode_tokens_per_s"] / b["decode_tokens_per_s"] if ok else None
+        r["prefill_speedup_vs_all"] = b["prefill_ms"] / r["prefill_ms"] if ok and r["prefill_ms"] > 0 else None
+    order = {"all": 0, "auto": 1}
+    rows.sort(key=lambda r: (r["device"], r["target"] or "", r["prompt_len"], r["threads"],
+                             order.get(r["mask_spec"], 2), r["mask_spec"]))
+    return rows
+
+
+def format_table(rows: list[dict], settings: dict[str, object] | None = None) -> str:
+    """Markdown table in the spirit of llama-bench (median ± sd over the measured runs)."""
+    head = ["device", "target", "mask", "layers run", "skip", "threads", "pp", "tg", "runs",
+            "prefill t/s", "decode t/s", "speedup", "peak MB", "tokens match"]
+    lines = []
+    if settings:
+        lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    table = []
+    for r in rows:
+        spec = r["mask_spec"]
+        n_run = r["mask"].count("1")
+        sp = "-" if r["speedup_vs_all"] is None else f"{r['speedup_vs_all']:.2f}x"
+        table.append([
+            r["device"] + (" (qemu)" if r["emulated"] else ""), r["target"] or "", spec if spec in ("auto", "all")
+            else "bits", f"{n_run}/{len(r['mask'])} {r['mask']}", f"{r['skip_ratio']:.2f}", str(r["threads"]),
+            str(r["prompt_tokens"]), str(int(r["generated"])), str(r["runs"]),
+            f"{r['prefill_tokens_per_s']:.1f} ± {r['prefill_tokens_per_s_sd']:.1f}",
+            f"{r['decode_tokens_per_s']:.2f} ± {r['decode_tokens_per_s_sd']:.2f}", sp,
+            f"{r['peak_rss_mb']:.0f}", {True: "yes", False: "NO", None: "n/a"}[r["tokens_match"]],
+        ])
+    widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(head)]
+    lines.append("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |")
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for t in table:
+        lines.append("| " + " | ".join(c.rjust(w) if i >= 4 else c.ljust(w)
+                                        for i, (c, w) in enumerate(zip(t, widths, strict=True))) + " |")
+    if any(r["emulated"] for r in rows):
+        lines.append("note: rows marked (qemu) ran under qemu-user emulation: their timings are NOT real "
+                     "device timings (correctness only).")
+    lines.append("pp = prompt tokens, tg = generated tokens; prefill t/s = pp / prefill time; decode t/s excludes "
+                 "the first token (it comes from prefill); speedup = decode t/s / decode t/s of mask 'all'.")
+    return "\n".join(lines)
+
+
+def _save_fig(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_plots(rows: list[dict], out_prefix: str | os.PathLike) -> list[Path]:
+    """``<prefix>_decode.png`` (decode tok/s per mask and device) and ``<prefix>_prefill.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return []
+    prefix = Path(out_prefix)
+    written = []
+    groups = sorted({(r["device"], r["target"], r["threads"], r["prompt_len"]) for r in rows})
+    specs = []
+    for r in rows:
+        if r["mask_spec"] not in specs:
+            specs.append(r["mask_spec"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * len(specs)), 4))
+    width = 0.8 / max(1, len(specs))
+    for j, spec in enumerate(specs):
+        xs, ys, es = [], [], []
+        for i, g in enumerate(groups):
+            for r in rows:
+                if (r["device"], r["target"], r["threads"], r["prompt_len"]) == g and r["mask_spec"] == spec:
+                    xs.append(i + j * width)
+                    ys.append(r["decode_tokens_per_s"])
+                    es.append(r["decode_tokens_per_s_sd"])
+        ax.bar(xs, ys, width, yerr=es, capsize=3, label=f"mask {spec}")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels([f"{d}{' (qemu)' if any(r['emulated'] for r in rows if r['device'] == d) else ''}\n"
+                        f"{t}, {th} thr, pp {pp}" for d, t, th, pp in groups], fontsize=8)
+    ax.set_ylabel("decode tokens/s (median ± sd)")
+    ax.set_title("FiRST layer skipping: decode throughput")
+    ax.legend(fontsize=8)
+    p = prefix.with_name(prefix.name + "_decode.png")
+    _save_fig(fig, p)
+    plt.close(fig)
+    written.append(p)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in sorted({(r["device"], r["target"], r["threads"], r["mask_spec"]) for r in rows}):
+        pts = sorted((r["prompt_tokens"], r["prefill_tokens_per_s"]) for r in rows
+                     if (r["device"], r["target"], r["threads"], r["mask_spec"]) == key)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o",
+                label=f"{key[0]} {key[2]} thr mask {key[3]}")
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("prefill tokens/s (median)")
+    ax.set_title("Prefill throughput")
+    ax.legend(fontsize=7)
+    p = prefix.with_name(prefix.name + "_prefill.png")
+    _save_fig(fig, p)
+    plt.close(fig)
+    written.append(p)
+    return written
