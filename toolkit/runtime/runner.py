@@ -118,6 +118,7 @@ class BundleRunner:
             ids = [int(t) for t in (prompt.reshape(-1).tolist() if isinstance(prompt, torch.Tensor) else prompt)]
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
+        parse_mask(mask, self.n_layers, self.protected)  # bad masks fail before any work
         t = len(ids)
         if t > self.max_seq_len:
             raise ValueError(f"prompt has {t} tokens, the bundle's max_seq_len is {self.max_seq_len}")
