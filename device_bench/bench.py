@@ -37,6 +37,7 @@ class Bundle:
     files: list[str]            # relative paths the native runner needs (pushed to devices)
     pte: str
     num_layers: int | None
+    protected: list[int] = field(default_factory=list)
 
 
 def _sha256(path: Path) -> str:
@@ -80,7 +81,16 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         raise BenchError(f"bundle manifest {mp} is not valid JSON: {e}") from e
     if not isinstance(manifest, dict):
         raise BenchError(f"bundle manifest {mp} is not a JSON object")
-    ex = manifest.get("executorch") if isinstance(manifest.get("executorch"), dict) else {}
+    if "format" in manifest and manifest["format"] != "firstkit-bundle":
+        raise BenchError(f"{mp}: format is {manifest['format']!r}, not 'firstkit-bundle'")
+    if "format_version" in manifest and manifest["format_version"] != 1:
+        raise BenchError(f"{mp}: unsupported format_version {manifest['format_version']!r} (first-bench reads 1)")
+    backends = manifest.get("backends") if isinstance(manifest.get("backends"), dict) else {}
+    if backends and "executorch" not in backends:
+        raise BenchError(f"bundle {p} has no ExecuTorch program (backends: {', '.join(backends)}); "
+                         "export it with --backend executorch")
+    ex = backends.get("executorch") or manifest.get("executorch") or {}
+    ex = ex if isinstance(ex, dict) else {}
     pte = ex.get("file") or ex.get("pte") or ex.get("path") or manifest.get("pte") or "model.pte"
     if not (p / pte).is_file():
         raise BenchError(f"bundle {p} has no ExecuTorch program {pte}")
@@ -106,7 +116,9 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         if isinstance(cand, int):
             nl = cand
             break
-    return Bundle(p.resolve(), manifest, _sha256(mp), files, pte, nl)
+    routing = manifest.get("routing") if isinstance(manifest.get("routing"), dict) else {}
+    protected = [int(i) for i in routing.get("protected_layers") or [] if isinstance(i, int)]
+    return Bundle(p.resolve(), manifest, _sha256(mp), files, pte, nl, protected)
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -401,7 +413,11 @@ def _describe_failure(o: RunOutcome, timeout: float) -> str:
 
 
 class References:
-    """Host-side reference tokens (Python ExecuTorch runtime on the same .pte), computed once each."""
+    """Host-side reference tokens, computed once per (prompt, length, mask).
+
+    The reference is ``first-run``'s runtime (``firstkit.runtime.BundleRunner``, ExecuTorch backend)
+    on the same bundle; where that package is not installed, ExecuTorch's Python runtime directly.
+    """
 
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
@@ -419,15 +435,36 @@ class References:
                 return None
             try:
                 if self._ref is None:
-                    from .testing.pyref import PythonReference
+                    try:
+                        from firstkit.runtime import load_bundle as _load_runtime
 
-                    self._ref = PythonReference(self.bundle.path, self.bundle.pte)
-                toks, _ = self._ref.generate(prompt, max_new, override, stop_at_eos=False)
+                        self._ref = _load_runtime(self.bundle.path, backend="executorch")
+                    except Exception:  # noqa: BLE001 - not installed, or a bundle it refuses (older manifest)
+                        from .testing.pyref import PythonReference
+
+                        self._ref = PythonReference(self.bundle.path, self.bundle.pte)
+                if hasattr(self._ref, "generate") and hasattr(self._ref, "manifest"):
+                    mask = "auto" if override is None else "".join(map(str, override))
+                    toks = self._ref.generate(prompt, max_new, mask=mask, stop_at_eos=False)["tokens"]
+                else:
+                    toks, _ = self._ref.generate(prompt, max_new, override, stop_at_eos=False)
             except Exception as e:  # noqa: BLE001 - reported, not fatal: tokens_match becomes null
                 self.error = f"reference run failed: {e}"
                 return None
             self._cache[key] = toks
             return toks
+
+
+def check_masks(masks: list[str], n_layers: int, protected: list[int]) -> None:
+    """BITS masks must have one bit per layer and keep protected layers running."""
+    for m in masks:
+        if m in ("auto", "all"):
+            continue
+        if len(m) != n_layers:
+            raise BenchError(f"mask {m} has {len(m)} bits, the model has {n_layers} layers")
+        for i in protected:
+            if m[i % n_layers] == "0":
+                raise BenchError(f"mask {m} skips protected layer {i % n_layers} (protected: {protected})")
 
 
 def mask_override(spec: str, n_layers: int) -> list[int] | None:
@@ -462,9 +499,7 @@ def bench_target(target: Target, bundle: Bundle, s: Settings, store: ResultStore
         n_layers = int(info["num_layers"])
         if info["bundle_sha256"] != bundle.sha256:
             raise BenchError("bundle on the device differs from the host's (manifest sha256)")
-        for m in s.masks:
-            if m not in ("auto", "all") and len(m) != n_layers:
-                raise BenchError(f"mask {m} has {len(m)} bits, the model has {n_layers} layers")
+        check_masks(s.masks, n_layers, bundle.protected)
         done = store.counts()
         base_rec = {"schema": RECORD_SCHEMA, "device": target.name, "device_model": target.model,
                     "target": target.runner_target, "emulated": target.emulated, "bundle_sha256": bundle.sha256,

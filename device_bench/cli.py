@@ -17,7 +17,17 @@ from pathlib import Path
 import click
 
 from .adb import Adb, AdbError
-from .bench import AdbTarget, BenchError, LocalTarget, References, Settings, Target, bench_target, load_bundle
+from .bench import (
+    AdbTarget,
+    BenchError,
+    LocalTarget,
+    References,
+    Settings,
+    Target,
+    bench_target,
+    check_masks,
+    load_bundle,
+)
 from .report import format_table, summarize, write_plots
 from .store import ResultStore
 
@@ -110,6 +120,8 @@ def main(bundle: str, devices: tuple[str, ...], all_devices: bool, local: bool, 
                         profile_dir=str(Path(out_path).with_suffix("")) + "_profiles")
     try:
         b = load_bundle(bundle)
+        if b.num_layers is not None:  # bad masks fail before anything is pushed
+            check_masks(mask_list, b.num_layers, b.protected)
         store = ResultStore(out_path)
     except (BenchError, ValueError) as e:
         raise click.ClickException(str(e)) from e

@@ -49,12 +49,15 @@ class Faults:
     disconnect_on_shell: str | None = None   # drop the connection this many seconds after such a shell starts
     disconnect_after_s: float = 0.5
     disconnect_after_output: str | None = None  # ... or once the command's output contains this text
+    disconnect_count: int = 1                # how many times (each firing decrements)
     push_fail_match: str | None = None       # SEND of a matching path fails (once per count)
     push_fail_count: int = 1
     storage_quota_bytes: int | None = None   # SEND fails with ENOSPC once files under root exceed this
     crash_match: str | None = None           # SIGSEGV the matching shell command ...
     crash_after_output: str | None = "\n"    # ... once its stdout contains this text (None: at start)
+    crash_count: int = 1
     hang_match: str | None = None            # SIGSTOP the matching shell command after it starts
+    hang_count: int = 1
     refuse_connections: bool = False         # close new transport connections immediately
     events: list[str] = field(default_factory=list)  # what was injected (for assertions)
 
@@ -226,9 +229,16 @@ class _Stream:
         self.proc = subprocess.Popen(argv, cwd=dev.root, env=dev.shell_env(), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         proc = self.proc
-        crash = faults.crash_match is not None and faults.crash_match in command
-        hang = faults.hang_match is not None and faults.hang_match in command
-        drop = faults.disconnect_on_shell is not None and faults.disconnect_on_shell in command
+        crash = faults.crash_match is not None and faults.crash_match in command and faults.crash_count > 0
+        hang = faults.hang_match is not None and faults.hang_match in command and faults.hang_count > 0
+        drop = (faults.disconnect_on_shell is not None and faults.disconnect_on_shell in command
+                and faults.disconnect_count > 0)
+        if crash:
+            faults.crash_count -= 1
+        if hang:
+            faults.hang_count -= 1
+        if drop:
+            faults.disconnect_count -= 1
         if hang:
             faults.events.append(f"hang: {command}")
 

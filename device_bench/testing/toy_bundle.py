@@ -183,13 +183,15 @@ def build_toy_bundle(out_dir: str | os.PathLike, num_layers: int = 4, hidden: in
     try:
         with open(tmp / "model.pte", "wb") as f:
             et.write_to_file(f)
-        manifest = {
+        manifest = {  # the keys of docs/bundle_format.md the native runner reads
             "format": "firstkit-bundle",
             "format_version": 1,
-            "model": {"name": "toy", "num_layers": num_layers, "hidden_size": hidden, "vocab_size": vocab,
-                      "max_seq_len": max_seq_len},
-            "routing": {"threshold": 0.5, "never_skip": [0, num_layers - 1]},
-            "executorch": {"file": "model.pte", "methods": list(progs), "quantization": "fp32"},
+            "model": {"id": "toy", "architecture": "toy", "num_layers": num_layers, "hidden_size": hidden,
+                      "vocab_size": vocab, "bos_id": 1, "eos_ids": [eos_id]},
+            "routing": {"policy": "routers", "threshold": 0.5, "never_skip": [0, -1],
+                        "protected_layers": [0, num_layers - 1]},
+            "max_seq_len": max_seq_len,
+            "backends": {"executorch": {"file": "model.pte", "methods": list(progs)}},
             "files": {"model.pte": {"sha256": _sha256(tmp / "model.pte"),
                                     "size": (tmp / "model.pte").stat().st_size}},
         }

@@ -132,9 +132,22 @@ class RunnerImpl final : public Runner {
     if (!manifest.is_object()) throw RunnerError("malformed manifest " + manifest_path + ": not an object");
     info_.manifest_sha256 = sha256_file(manifest_path);
 
-    // Which program file: executorch.file / executorch.pte / pte, default model.pte.
+    // docs/bundle_format.md: format "firstkit-bundle", format_version 1 (checked where present).
+    if (const json::Value* f = manifest.get("format"); f && (!f->is_string() || f->str != "firstkit-bundle"))
+      throw RunnerError("manifest format is not \"firstkit-bundle\"");
+    if (const json::Value* v = manifest.get("format_version"); v && integer_of(v, -1) != 1)
+      throw RunnerError("unsupported bundle format_version " + std::to_string(integer_of(v, -1)) +
+                        " (this runner reads version 1)");
+    if (const json::Value* b = manifest.get("backends"); b && b->is_object() && !b->get("executorch"))
+      throw RunnerError("bundle has no ExecuTorch program (backends.executorch missing; ONNX-only bundle?)");
+    if (const json::Value* pl = manifest.path({"routing", "protected_layers"}); pl && pl->is_array())
+      for (const auto& x : pl->arr)
+        if (x.is_number()) protected_.push_back(integer_of(&x, -1));
+
+    // Which program file: backends.executorch.file (bundle_format.md), a few older spellings, model.pte.
     std::string pte = "model.pte";
-    for (auto keys : {std::initializer_list<const char*>{"executorch", "file"},
+    for (auto keys : {std::initializer_list<const char*>{"backends", "executorch", "file"},
+                      std::initializer_list<const char*>{"executorch", "file"},
                       std::initializer_list<const char*>{"executorch", "pte"},
                       std::initializer_list<const char*>{"executorch", "path"},
                       std::initializer_list<const char*>{"pte"}}) {
@@ -268,6 +281,11 @@ class RunnerImpl final : public Runner {
     if (!g.mask_override.empty() && static_cast<int64_t>(g.mask_override.size()) != L)
       throw RunnerError("mask override has " + std::to_string(g.mask_override.size()) + " entries, model has " +
                         std::to_string(L) + " layers");
+    for (int64_t p : protected_) {
+      int64_t i = p < 0 ? p + L : p;
+      if (!g.mask_override.empty() && i >= 0 && i < L && g.mask_override[size_t(i)] == 0)
+        throw RunnerError("mask skips protected layer " + std::to_string(i));
+    }
     if (info_.vocab_size > 0)
       for (int64_t t : prompt)
         if (t < 0 || t >= info_.vocab_size)
@@ -401,7 +419,8 @@ class RunnerImpl final : public Runner {
   std::unique_ptr<Module> module_;
   et::etdump::ETDumpGen* etdump_ = nullptr;  // owned by module_
   std::unique_ptr<Detokenizer> detok_;
-  std::unordered_map<std::string, std::string> event_names_;  // stable storage for ETDump event names
+  std::unordered_map<std::string, std::string> event_names_;
+  std::vector<int64_t> protected_;  // routing.protected_layers from the manifest  // stable storage for ETDump event names
   int threads_ = 0;
 };
 
