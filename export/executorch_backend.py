@@ -76,6 +76,9 @@ def to_pte_bytes(programs: dict[str, ExportedProgram], constants: dict[str, obje
     )
     from executorch.exir.passes import MemoryPlanningPass
 
+    if quantized:
+        import executorch.kernels.quantized  # noqa: F401  (out variants of the quantized ops)
+
     edge = to_edge_transform_and_lower(
         programs,
         partitioner=[XnnpackPartitioner()],
