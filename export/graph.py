@@ -184,6 +184,32 @@ class ExportCore(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits.float()
 
+    def decide(self, i: int, h: torch.Tensor, mask_override: torch.Tensor) -> torch.Tensor:
+        """Bool scalar: does layer ``i`` run, given the hidden state entering it (CONTRACTS.md)."""
+        if self.router_list is not None:
+            logit = self.router_list[i](pool_prompt(h.to(torch.float32))).reshape(())
+            run = (logit >= self.threshold_logit) | self.protected[i]
+        else:
+            run = torch.ones((), dtype=torch.bool)
+        ov = mask_override[i]
+        # int64 select (onnxruntime has no bool Where kernel)
+        return torch.where(ov >= 0, (ov > 0).to(torch.long), run.to(torch.long)) > 0
+
+    def prompt_context(self, h: torch.Tensor, t: int):
+        """Positions, per-layer-type attention masks and rotary embeddings for a prompt of ``t`` tokens."""
+        pos = torch.arange(t, dtype=torch.long, device=h.device)
+        masks = {lt: self._attn_mask(pos, t, lt) for lt in set(self.parts.layer_types)}
+        ropes = {lt: self._rotary(h, pos[None], lt) for lt in set(self.parts.layer_types)}
+        return pos, masks, ropes
+
+    def layer_with_cache(self, i: int, h: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.Tensor:
+        """Layer ``i`` for one token at ``input_pos`` with any cache object (``update`` returns full K/V)."""
+        lt = self.parts.layer_types[i]
+        position_ids = input_pos[None]
+        rope = self._rotary(h, position_ids, lt)
+        attn_mask = self._attn_mask(input_pos, self.max_seq_len, lt)
+        return self._call_layer(i, h, position_ids, attn_mask, cache, rope)
+
     # ---- methods ------------------------------------------------------------------------
     def prefill(self, tokens: torch.Tensor, mask_override: torch.Tensor):
         """tokens int64 [1, T], mask_override int64 [L] -> (logits [1, V], mask int64 [L])."""
@@ -196,13 +222,7 @@ class ExportCore(nn.Module):
         runs = []
         for i in range(self.n_layers):
             lt = self.parts.layer_types[i]
-            if self.router_list is not None:
-                logit = self.router_list[i](pool_prompt(h.to(torch.float32))).reshape(())
-                run = (logit >= self.threshold_logit) | self.protected[i]
-            else:
-                run = torch.ones((), dtype=torch.bool)
-            ov = mask_override[i]
-            run = torch.where(ov >= 0, ov > 0, run)
+            run = self.decide(i, h, mask_override)
             runs.append(run)
             cache = _StaticCache(self, "prefill", run=run, input_pos=pos)
             new_h = self._call_layer(i, h, position_ids, masks[lt], cache, ropes[lt])
@@ -216,12 +236,7 @@ class ExportCore(nn.Module):
 
     def layer(self, i: int, h: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """One decoder layer for one token at position ``input_pos`` (int64 [1])."""
-        lt = self.parts.layer_types[i]
-        position_ids = input_pos[None]
-        rope = self._rotary(h, position_ids, lt)
-        attn_mask = self._attn_mask(input_pos, self.max_seq_len, lt)
-        cache = _StaticCache(self, "decode", input_pos=input_pos)
-        return self._call_layer(i, h, position_ids, attn_mask, cache, rope)
+        return self.layer_with_cache(i, h, input_pos, _StaticCache(self, "decode", input_pos=input_pos))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """hidden [1, 1, H] -> logits [1, V]."""
