@@ -274,10 +274,6 @@ class RunnerImpl final : public Runner {
     if (prompt.empty()) throw RunnerError("empty prompt");
     if (g.max_new_tokens < 1) throw RunnerError("max_new_tokens must be >= 1");
     const int64_t T = static_cast<int64_t>(prompt.size());
-    if (T + g.max_new_tokens - 1 > info_.max_seq_len)
-      throw RunnerError("prompt (" + std::to_string(T) + " tokens) + max_new_tokens (" +
-                        std::to_string(g.max_new_tokens) + ") exceeds max_seq_len " +
-                        std::to_string(info_.max_seq_len) + " + 1");
     if (!g.mask_override.empty() && static_cast<int64_t>(g.mask_override.size()) != L)
       throw RunnerError("mask override has " + std::to_string(g.mask_override.size()) + " entries, model has " +
                         std::to_string(L) + " layers");
@@ -286,6 +282,10 @@ class RunnerImpl final : public Runner {
       if (!g.mask_override.empty() && i >= 0 && i < L && g.mask_override[size_t(i)] == 0)
         throw RunnerError("mask skips protected layer " + std::to_string(i));
     }
+    if (T + g.max_new_tokens - 1 > info_.max_seq_len)
+      throw RunnerError("prompt (" + std::to_string(T) + " tokens) + max_new_tokens (" +
+                        std::to_string(g.max_new_tokens) + ") exceeds max_seq_len " +
+                        std::to_string(info_.max_seq_len) + " + 1");
     if (info_.vocab_size > 0)
       for (int64_t t : prompt)
         if (t < 0 || t >= info_.vocab_size)
