@@ -1,0 +1,168 @@
+"""``first-eval``: quality of FiRST routers against the base model and skipping baselines."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_SYSTEMS = "base,first,static,uniform,random,last-k"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_source", default=DEFAULT_MODEL, show_default=True,
+              help="Named model, Hugging Face folder or .gguf file.")
+@click.option("--routers", "routers_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Router checkpoint for 'first' (default model: its shipped routers).")
+@click.option("--lora-routers", "lora_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Checkpoint with routers + lora/ adapter for 'first+lora' and 'lora' "
+                   "(default: --routers if it holds lora/, else the shipped -lora routers).")
+@click.option("--budget", type=float, default=None,
+              help="Pick the shipped routers nearest this skip budget (default model, no --routers).")
+@click.option("--task", "task_names", multiple=True, help="Named task (repeatable, or comma-separated).")
+@click.option("--task-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Your own JSONL task file (see docs/results_quality.md for the schema).")
+@click.option("--task-type", type=click.Choice(["mc", "perplexity", "generation"]), default=None,
+              help="Type of --task-file.")
+@click.option("--systems", default=DEFAULT_SYSTEMS, show_default=True,
+              help="Comma-separated: base, first, first+lora, lora, static, uniform, random, last-k.")
+@click.option("--limit", type=int, default=10, show_default=True,
+              help="Examples per task (perplexity: windows of --ppl-window tokens).")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--skip-ratio", type=float, default=None,
+              help="Skip ratio for static/uniform/random/last-k when 'first' is not evaluated.")
+@click.option("--ppl-window", type=int, default=256, show_default=True)
+@click.option("--max-prompt", type=int, default=384, show_default=True, help="Max prompt tokens (left-truncated).")
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random baseline.")
+@click.option("--threads", type=int, default=None)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Write results.json, results.md and PNG plots here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def main(model_source: str, routers_dir: str | None, lora_dir: str | None, budget: float | None,
+         task_names: tuple[str, ...], task_file: str | None, task_type: str | None, systems: str, limit: int,
+         split: str, skip_ratio: float | None, ppl_window: int, max_prompt: int, data_dir: str | None, seed: int,
+         threads: int | None, out_dir: str | None, as_json: bool, quiet: bool) -> None:
+    """Evaluate systems on tasks at matched average skip ratio; JSON, Markdown table and plots."""
+    from firstkit.evaluation.harness import SYSTEMS
+    from firstkit.evaluation.tasks import TASKS, task_from_file
+
+    names = [s.strip() for s in systems.split(",") if s.strip()]
+    bad = [s for s in names if s not in SYSTEMS]
+    if bad or not names:
+        raise click.UsageError(f"unknown system(s) {', '.join(bad) or '(none)'}; choose from {', '.join(SYSTEMS)}")
+    wanted = [t.strip() for n in task_names for t in n.split(",") if t.strip()]
+    if bool(wanted) == bool(task_file):
+        raise click.UsageError("give --task NAME ... or --task-file F --task-type T (exactly one of them)")
+    if task_file and not task_type:
+        raise click.UsageError("--task-file needs --task-type mc|perplexity|generation")
+    if limit < 1:
+        raise click.UsageError("--limit must be >= 1")
+    unknown = [t for t in wanted if t not in TASKS]
+    if unknown:
+        raise click.UsageError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+    if skip_ratio is not None and not 0 <= skip_ratio < 1:
+        raise click.UsageError("--skip-ratio must be in [0, 1)")
+
+    import torch
+
+    from firstkit.evaluation import harness
+    from firstkit.routers import default_routers_path
+    from firstkit.training.lora import has_lora
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        tasks = [task_from_file(task_file, task_type)] if task_file else [TASKS[t] for t in wanted]
+        if routers_dir is None and model_source == DEFAULT_MODEL and ({"first", "first+lora"} & set(names)):
+            shipped = default_routers_path(DEFAULT_MODEL, budget)
+            routers_dir = str(shipped) if shipped else None
+        need_lora = bool({"first+lora", "lora"} & set(names))
+        if need_lora and lora_dir is None:
+            if routers_dir and has_lora(routers_dir):
+                lora_dir = routers_dir
+            elif model_source == DEFAULT_MODEL:
+                shipped = default_routers_path(DEFAULT_MODEL, budget, lora=True)
+                lora_dir = str(shipped) if shipped else None
+        if "first" in names and routers_dir is None:
+            raise click.UsageError("system 'first' needs --routers (no shipped routers for this model)")
+        records = {t.name: t.records(None if task_file else split, data_dir) for t in tasks}
+        t0 = time.time()
+        model, routers, lora_model, lora_routers = harness.load_eval_model(model_source, routers_dir, lora_dir,
+                                                                           need_lora)
+        if model.tokenizer is None:
+            raise click.ClickException(f"model {model_source} has no tokenizer")
+        systems_map = harness.build_systems(names, model, routers, lora_model, lora_routers)
+        calibration = _calibration(model, data_dir)
+        results = harness.run_evaluation(systems_map, tasks, records, limit=limit, calibration=calibration,
+                                         skip_ratio=skip_ratio, seed=seed, progress=not quiet,
+                                         max_prompt=max_prompt, ppl_window=ppl_window)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise click.ClickException(str(e).strip("'\"")) from None
+    report = _report(model, routers, model_source, routers_dir, lora_dir, tasks, results, limit, split,
+                     time.time() - t0)
+    if out_dir:
+        from firstkit.evaluation.report import write_report
+
+        written = write_report(report, out_dir)
+        if not as_json:
+            click.echo("wrote " + ", ".join(str(p) for p in written))
+    if as_json:
+        click.echo(json.dumps(report))
+    elif not out_dir:
+        from firstkit.evaluation.report import markdown_table
+
+        click.echo(markdown_table(report))
+
+
+def _calibration(model, data_dir: str | None) -> list:
+    """Calibration token ids for block influence (static baseline): WikiText-2 *train* split windows."""
+    import torch
+
+    from firstkit.evaluation.harness import perplexity_windows
+    from firstkit.evaluation.tasks import TASKS
+
+    try:
+        recs = TASKS["wikitext2"].records("train", data_dir)
+    except FileNotFoundError:
+        recs = []
+    wins = perplexity_windows(model, recs, 4, 128) if recs else []
+    if not wins:  # no data: a neutral calibration text
+        wins = [model.tokenizer("The quick brown fox jumps over the lazy dog. " * 8).input_ids]
+    return [torch.tensor(w) for w in wins]
+
+
+def _report(model, routers, source, routers_dir, lora_dir, tasks, results, limit, split, seconds) -> dict:
+    from firstkit.evaluation.harness import router_compute
+
+    rows = [row for r in results for row in r.rows()]
+    usage: dict[str, dict[str, list[float]]] = {}
+    skip_by_task: dict[str, dict[str, float]] = {}
+    for r in results:
+        usage.setdefault(r.system, {})[r.task] = [round(u, 4) for u in r.layer_usage]
+        skip_by_task.setdefault(r.system, {})[r.task] = round(r.skip_ratio, 4)
+    prompt_tokens = [r.mean_prompt_tokens for r in results if r.system == "first"] or [128.0]
+    mean_prompt = sum(prompt_tokens) / len(prompt_tokens)
+    return {
+        "model": getattr(model.info, "model_id", str(source)),
+        "model_source": str(source),
+        "routers": str(routers_dir) if routers_dir else None,
+        "lora_routers": str(lora_dir) if lora_dir else None,
+        "num_layers": model.num_layers,
+        "split": split,
+        "limit": limit,
+        "results": rows,
+        "main_metric": {t.name: t.metric for t in tasks},
+        "skip_by_task": skip_by_task,
+        "layer_usage": usage,
+        "router_compute": router_compute(model, mean_prompt, routers),
+        "seconds": {r.system + "/" + r.task: round(r.seconds, 1) for r in results} | {"total": round(seconds, 1)},
+    }
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
