@@ -132,7 +132,7 @@ def write_onnx(first_model, core: ExportCore, out_dir: Path, scheme: str,
         t_dim = torch.export.Dim("T", min=1, max=s)
         ids = torch.zeros(1, min(4, s), dtype=torch.long)
         ov = torch.full((n,), -1, dtype=torch.long)
-        prog = torch.onnx.export(OnnxPrefill(core), (ids, ov), dynamo=True, input_names=pin, output_names=pout,
+        prog = torch.onnx.export(OnnxPrefill(core).eval(), (ids, ov), dynamo=True, input_names=pin, output_names=pout,
                                  dynamic_shapes=({1: t_dim}, None), opset_version=OPSET, optimize=True,
                                  verbose=False)
         prog.save(str(out_dir / PREFILL_FILE))
@@ -143,7 +143,7 @@ def write_onnx(first_model, core: ExportCore, out_dir: Path, scheme: str,
         past = tuple(torch.zeros(1, hkv, s, d) for _ in range(2 * n))
         args = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
                 torch.ones(n, dtype=torch.long), *past)
-        prog = torch.onnx.export(OnnxDecode(core), args, dynamo=True, input_names=din, output_names=dout,
+        prog = torch.onnx.export(OnnxDecode(core).eval(), args, dynamo=True, input_names=din, output_names=dout,
                                  opset_version=OPSET, optimize=True, verbose=False)
         prog.save(str(out_dir / DECODE_FILE))
         timings["decode_s"] = time.perf_counter() - t0

@@ -304,6 +304,7 @@ def export_bundle(model: str, routers: str | None, backend: str, scheme: str, ma
                 timings[f"verify_{b}_s"] = time.perf_counter() - t
             manifest["verification"] = {b: {k: v for k, v in r.items() if k != "cases"}
                                         for b, r in verification.items()}
+            manifest["export"] = {"timings": dict(timings)}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
             failed = [b for b, r in verification.items() if not r["passed"]]
             if failed:
@@ -314,6 +315,7 @@ def export_bundle(model: str, routers: str | None, backend: str, scheme: str, ma
                 raise ExportError(f"verification failed ({detail}); no bundle written")
         else:
             manifest["verification"] = None
+            manifest["export"] = {"timings": dict(timings)}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         _atomic_publish(tmp, output)
     except BaseException:
