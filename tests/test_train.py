@@ -41,7 +41,7 @@ def test_training_lowers_loss_and_meets_budget(tmp_path):
     data = _examples(64)
     val = [e.prompt for e in _examples(24, seed=1)]
     cfg = TrainConfig(skip_budget=0.34, steps=60, batch_size=8, lr=3e-2, budget_weight=20.0, save_every=0,
-                      calibrate=False, lora_steps=0, router_dim=16)
+                      calibrate=False, lora_steps=0, router_dim=16, warm_start="bi", init_bias=1.0)
     # before training: every layer runs
     model.routers = None
     res = train(model, data, val, tmp_path / "ck", cfg, progress=False)
@@ -157,3 +157,19 @@ def test_training_loss_parts_on_tiny_model():
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
     assert parts["loss"] >= parts["ce"] - 1e-6
     assert 0.0 <= parts["skip"] <= 0.5
+
+
+def test_loo_warm_start_begins_at_budget_with_least_important_layers():
+    from firstkit.training.trainer import init_routers, leave_one_out_importance
+
+    torch.set_num_threads(1)
+    model = _fresh(6)
+    data = _examples(16)
+    imp = leave_one_out_importance(model, data)
+    assert imp[0] == float("inf") and imp[5] == float("inf")  # protected layers
+    cfg = TrainConfig(skip_budget=0.34, router_dim=8, warm_start="loo")
+    model.routers = init_routers(model, cfg, None, data)
+    skip, usage = measure_skip(model, [e.prompt for e in data])
+    assert skip == pytest.approx(2 / 6)  # round(0.34 * 6) = 2 layers skipped from step 0
+    skipped = sorted(i for i, u in enumerate(usage) if u < 0.5)
+    assert skipped == sorted(sorted(range(1, 5), key=lambda i: imp[i])[:2])

@@ -56,8 +56,9 @@ class TrainConfig:
     budget_weight: float = 20.0
     router_dim: int = 32
     init_bias: float = 1.0
-    warm_start: str = "bi"  # "bi": router biases ordered by block influence; "none": all equal init_bias
-    bias_spread: float = 2.0  # bi warm start: biases from init_bias (least influential) to init_bias + spread
+    warm_start: str = "loo"  # "loo": start at the leave-one-out static mask; "bi": biases ordered by block
+    #                          influence, all layers running; "none": all biases equal init_bias
+    bias_spread: float = 2.0  # range of the warm-started biases
     weight_decay: float = 0.0
     calibrate: bool = True
     threshold: float = 0.5
@@ -75,8 +76,8 @@ class TrainConfig:
             raise ValueError("--batch-size must be >= 1")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError("--threshold must be in (0, 1)")
-        if self.warm_start not in ("bi", "none"):
-            raise ValueError(f"--warm-start must be 'bi' or 'none', got {self.warm_start!r}")
+        if self.warm_start not in ("loo", "bi", "none"):
+            raise ValueError(f"--warm-start must be 'loo', 'bi' or 'none', got {self.warm_start!r}")
 
 
 @dataclass
@@ -91,20 +92,74 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def init_routers(model: FirstModel, cfg: TrainConfig,
-                 calibration: Sequence[Sequence[int]] | None = None) -> RouterStack:
-    """Fresh routers with every layer running at step 0 (biases > 0, tiny output weights).
+@torch.no_grad()
+def leave_one_out_importance(model: FirstModel, examples: Sequence[Example], batch_size: int = 8) -> list[float]:
+    """Increase of the target-token cross-entropy when layer ``i`` alone is skipped (inf for protected layers)."""
+    protected = set(model.protected_layers())
+    pad_id = getattr(model.config, "pad_token_id", None) or 0
+    batches = [collate(examples[i:i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
 
-    ``warm_start="bi"``: router ``i``'s bias is ``init_bias + bias_spread * rank_i / (L - 1)`` where
-    ``rank_i`` orders layers by block influence on ``calibration`` (least influential = rank 0), so the
-    budget term flips the least useful layers first instead of all layers at once.
+    def ce(mask: list[bool]) -> float:
+        total, count = 0.0, 0
+        for b in batches:
+            b = {k: v.to(model.device) for k, v in b.items()}
+            logits = model.forward(b["input_ids"], attention_mask=b["attention_mask"], mask=mask).logits.float()
+            labels = b["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     labels.reshape(-1), ignore_index=-100, reduction="sum")
+            total += float(loss)
+            count += int((labels != -100).sum())
+        return total / max(1, count)
+
+    full = ce([True] * model.num_layers)
+    out = []
+    for i in range(model.num_layers):
+        if i in protected:
+            out.append(math.inf)
+            continue
+        mask = [True] * model.num_layers
+        mask[i] = False
+        out.append(ce(mask) - full)
+    return out
+
+
+def init_routers(model: FirstModel, cfg: TrainConfig, calibration: Sequence[Sequence[int]] | None = None,
+                 calibration_examples: Sequence[Example] | None = None) -> RouterStack:
+    """Fresh routers (tiny output weights) with warm-started biases.
+
+    * ``warm_start="loo"``: layers ranked by leave-one-out loss increase on ``calibration_examples``;
+      the ``k = round(budget * L)`` least important start skipped (negative bias), the rest run; biases
+      step by ``bias_spread / (L - 1)`` per rank, so the training starts at the static mask that meets
+      the budget and the routers learn per-prompt deviations from it.
+    * ``warm_start="bi"``: bias ``init_bias + bias_spread * rank_i / (L - 1)`` with ranks by block
+      influence on ``calibration`` (least influential = rank 0): every layer runs at step 0 and the
+      budget term flips the least useful layers first.
+    * ``warm_start="none"``: every bias is ``init_bias`` (every layer runs at step 0).
     """
     from firstkit.policies import block_influence
 
     torch.manual_seed(cfg.seed)
     stack = RouterStack(model.num_layers, model.config.hidden_size, router_dim=cfg.router_dim,
                         init_bias=cfg.init_bias)
-    if cfg.warm_start == "bi" and calibration:
+    step = cfg.bias_spread / max(1, model.num_layers - 1)
+    if cfg.warm_start == "loo" and calibration_examples:
+        saved = model.routers
+        model.routers = None
+        try:
+            imp = leave_one_out_importance(model, calibration_examples)
+        finally:
+            model.routers = saved
+        routable = [i for i in range(model.num_layers) if math.isfinite(imp[i])]
+        order = sorted(routable, key=lambda i: imp[i])
+        k = min(len(order), round(cfg.skip_budget * model.num_layers))
+        with torch.no_grad():
+            for rank, i in enumerate(order):
+                stack.routers[i].out.bias.fill_(step * (rank - k + 0.5))
+            for i in range(model.num_layers):
+                if i not in routable:
+                    stack.routers[i].out.bias.fill_(cfg.bias_spread)
+        stack.meta["warm_start_loo_importance"] = [round(float(v), 6) if math.isfinite(v) else None for v in imp]
+    elif cfg.warm_start == "bi" and calibration:
         saved = model.routers
         model.routers = None
         try:
@@ -114,7 +169,7 @@ def init_routers(model: FirstModel, cfg: TrainConfig,
         order = sorted(range(model.num_layers), key=lambda i: bi[i])
         with torch.no_grad():
             for rank, i in enumerate(order):
-                stack.routers[i].out.bias.fill_(cfg.init_bias + cfg.bias_spread * rank / max(1, len(order) - 1))
+                stack.routers[i].out.bias.fill_(cfg.init_bias + step * rank)
         stack.meta["warm_start_block_influence"] = [round(float(b), 6) for b in bi]
     return stack.to(model.device)
 
@@ -309,7 +364,7 @@ def train(model: FirstModel, train_examples: Sequence[Example], val_prompts: Seq
         start_step, phase, history, rng_state = saved["step"], saved["phase"], saved["history"], saved["rng"]
     elif model.routers is None:
         calib = [e.prompt + e.target for e in train_examples[:16]]
-        model.routers = init_routers(model, cfg, calib)
+        model.routers = init_routers(model, cfg, calib, list(train_examples[:32]))
 
     total_steps = cfg.steps + cfg.lora_steps
     rng = random.Random(cfg.seed)
