@@ -1,0 +1,63 @@
+package org.firstkit.demo.logic;
+
+import java.io.File;
+import java.io.FileOutputStream;
+import java.io.IOException;
+import java.nio.charset.StandardCharsets;
+
+/**
+ * The headless benchmark, shared by the app's BenchmarkActivity and the host {@link LogicTool}: load the bundle,
+ * check its manifest, run warm-up and measured generations through the native core, and write every measured run
+ * as one validated run-result JSON line to {@code out} (appended, flushed and synced per run, so finished runs
+ * survive a crash), then {@code out + ".done"} with the status ({@link BenchmarkRequest#status}).
+ */
+public final class Benchmark {
+  /** Receives each result line (the app also logs it to logcat). */
+  public interface Sink {
+    void accept(String line);
+  }
+
+  private Benchmark() {}
+
+  /** Runs the request; returns true on success. Never throws for a bad bundle or request: the status says why. */
+  public static boolean run(BenchmarkRequest req, Sink sink) throws IOException {
+    File out = new File(req.out);
+    File done = new File(req.out + ".done");
+    if (done.exists() && !done.delete()) throw new IOException("cannot remove old " + done);
+    int written = 0;
+    try {
+      BundleManifest manifest = BundleManifest.read(new File(req.bundle), req.verify);
+      if (!manifest.hasExecutorch()) throw new BundleException(req.bundle + ": bundle has no ExecuTorch program");
+      long[] prompt = req.promptIds;
+      if (prompt == null) {
+        File tokDir = new File(req.bundle, "tokenizer");
+        prompt = PromptFormat.fromTokenizerDir(tokDir).encode(BpeTokenizer.fromDirectory(tokDir), req.prompt);
+      }
+      long[] override = MaskFormat.parseSpec(req.mask, manifest.numLayers);
+      try (NativeRunner runner = NativeRunner.load(req.bundle, req.threads, req.verify)) {
+        for (int w = 0; w < req.warmup; w++) runner.generate(prompt, req.maxNewTokens, override, !req.ignoreEos, null);
+        for (int r = 0; r < req.runs; r++) {
+          String line = runner.generate(prompt, req.maxNewTokens, override, !req.ignoreEos, null);
+          RunResult.parse(line);  // never hand first-bench a malformed line
+          append(out, line);
+          sink.accept(line);
+          written++;
+        }
+      }
+      LogicTool.writeAtomically(done, BenchmarkRequest.status(true, written, null));
+      return true;
+    } catch (BundleException | RuntimeException | IOException e) {
+      String msg = e.getMessage() == null ? e.toString() : e.getMessage();
+      LogicTool.writeAtomically(done, BenchmarkRequest.status(false, written, msg));
+      return false;
+    }
+  }
+
+  private static void append(File f, String line) throws IOException {
+    try (FileOutputStream o = new FileOutputStream(f, true)) {
+      o.write((line + "\n").getBytes(StandardCharsets.UTF_8));
+      o.flush();
+      o.getFD().sync();
+    }
+  }
+}

@@ -1,0 +1,137 @@
+package org.firstkit.demo.logic;
+
+import java.io.File;
+import java.io.FileOutputStream;
+import java.io.IOException;
+import java.io.OutputStream;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.util.Arrays;
+import java.util.LinkedHashMap;
+import java.util.List;
+import java.util.Map;
+
+/**
+ * Host command line over the app's plain-Java logic, so it can be run and tested off the phone:
+ *
+ * <pre>
+ *   manifest BUNDLE_DIR [--no-hashes]      validate a bundle like the app; prints a JSON summary
+ *   encode TOKENIZER_DIR TEXT [--raw]       prompt ids as the app computes them (chat template unless --raw)
+ *   mask SPEC NUM_LAYERS                    override vector for a mask spec (Java rules)
+ *   native-mask SPEC NUM_LAYERS             the same through the JNI bridge (the core's rules)
+ *   describe BITS                           the skipped-layers line the app shows
+ *   result FILE                             validate run-result JSON lines
+ *   bench KEY=VALUE ...                     run the headless benchmark logic (BenchmarkActivity's extras)
+ * </pre>
+ *
+ * Exit status 0 on success, 1 on a failure (one line on stderr), 2 on a usage error.
+ */
+public final class LogicTool {
+  private LogicTool() {}
+
+  public static void main(String[] args) {
+    try {
+      System.exit(run(args));
+    } catch (IllegalArgumentException | BundleException e) {
+      System.err.println("error: " + e.getMessage());
+      System.exit(1);
+    } catch (Exception e) {
+      System.err.println("error: " + e);
+      System.exit(1);
+    }
+  }
+
+  static int run(String[] a) throws Exception {
+    if (a.length == 0) return usage();
+    switch (a[0]) {
+      case "manifest": {
+        if (a.length < 2) return usage();
+        boolean hashes = !Arrays.asList(a).contains("--no-hashes");
+        BundleManifest m = BundleManifest.read(new File(a[1]), hashes);
+        Map<String, Object> o = new LinkedHashMap<>();
+        o.put("ok", true);
+        o.put("model_id", m.modelId);
+        o.put("num_layers", (long) m.numLayers);
+        o.put("max_seq_len", m.maxSeqLen);
+        o.put("pte", m.pteFile);
+        o.put("summary", m.summary());
+        System.out.println(Json.write(o));
+        return 0;
+      }
+      case "encode": {
+        if (a.length < 3) return usage();
+        File dir = new File(a[1]);
+        BpeTokenizer tok = BpeTokenizer.fromDirectory(dir);
+        boolean raw = Arrays.asList(a).contains("--raw");
+        long[] ids = raw ? tok.encode(a[2], true) : PromptFormat.fromTokenizerDir(dir).encode(tok, a[2]);
+        System.out.println(Json.write(ids));
+        return 0;
+      }
+      case "mask":
+      case "native-mask": {
+        if (a.length < 3) return usage();
+        int n = Integer.parseInt(a[2]);
+        long[] v;
+        if (a[0].equals("mask")) {
+          v = MaskFormat.parseSpec(a[1], n);
+        } else {
+          System.loadLibrary("firstkit_jni");
+          v = NativeRunner.parseMaskSpec(a[1], n);
+        }
+        System.out.println(v == null ? "null" : Json.write(v));
+        return 0;
+      }
+      case "describe":
+        if (a.length < 2) return usage();
+        System.out.println(MaskFormat.describe(a[1]));
+        return 0;
+      case "result": {
+        if (a.length < 2) return usage();
+        int n = 0;
+        for (String line : Files.readAllLines(new File(a[1]).toPath(), StandardCharsets.UTF_8)) {
+          if (line.trim().isEmpty()) continue;
+          RunResult r = RunResult.parse(line);
+          System.out.println(r.statsLine());
+          n++;
+        }
+        if (n == 0) throw new IllegalArgumentException("no run results in " + a[1]);
+        return 0;
+      }
+      case "bench": {
+        Map<String, String> extras = new LinkedHashMap<>();
+        for (int k = 1; k < a.length; k++) {
+          int eq = a[k].indexOf('=');
+          if (eq <= 0) return usage();
+          extras.put(a[k].substring(0, eq), a[k].substring(eq + 1));
+        }
+        BenchmarkRequest req = BenchmarkRequest.fromExtras(extras);
+        System.loadLibrary("firstkit_jni");
+        return Benchmark.run(req, line -> { }) ? 0 : 1;
+      }
+      default:
+        return usage();
+    }
+  }
+
+  private static int usage() {
+    System.err.println("usage: LogicTool manifest DIR [--no-hashes] | encode TOKDIR TEXT [--raw] | mask SPEC N | "
+        + "native-mask SPEC N | describe BITS | result FILE | bench KEY=VALUE...");
+    return 2;
+  }
+
+  /** Writes text to a file atomically (temp file in the same directory, then rename). */
+  static void writeAtomically(File f, String text) throws IOException {
+    File tmp = new File(f.getPath() + ".tmp");
+    try (OutputStream o = new FileOutputStream(tmp)) {
+      o.write(text.getBytes(StandardCharsets.UTF_8));
+      o.flush();
+    }
+    if (!tmp.renameTo(f)) {
+      Files.move(tmp.toPath(), f.toPath(), java.nio.file.StandardCopyOption.REPLACE_EXISTING);
+    }
+  }
+
+  static List<String> lines(File f) throws IOException {
+    return Files.readAllLines(f.toPath(), StandardCharsets.UTF_8);
+  }
+}

@@ -1,0 +1,93 @@
+package org.firstkit.demo.logic;
+
+import java.util.ArrayList;
+import java.util.List;
+
+/**
+ * Layer masks as text (docs/CONTRACTS.md): one '0'/'1' per decoder layer, layer 0 first, 1 = the layer runs.
+ * The same rules as the native core's {@code parse_mask_spec}; the app uses them for display and the A/B toggle.
+ */
+public final class MaskFormat {
+  private MaskFormat() {}
+
+  /**
+   * Override vector for a mask spec: "auto" (or empty) gives null (routers decide), "all" gives all ones,
+   * a bits string of length {@code numLayers} gives those bits. Throws {@link IllegalArgumentException} otherwise.
+   */
+  public static long[] parseSpec(String spec, int numLayers) {
+    if (spec == null || spec.isEmpty() || spec.equals("auto")) return null;
+    long[] out = new long[numLayers];
+    if (spec.equals("all")) {
+      java.util.Arrays.fill(out, 1);
+      return out;
+    }
+    if (spec.length() != numLayers) {
+      throw new IllegalArgumentException("mask '" + spec + "' has " + spec.length() + " bits, model has "
+          + numLayers + " layers");
+    }
+    for (int i = 0; i < numLayers; i++) {
+      char c = spec.charAt(i);
+      if (c != '0' && c != '1') {
+        throw new IllegalArgumentException("mask must be auto, all or a string of 0/1, got '" + spec + "'");
+      }
+      out[i] = c == '1' ? 1 : 0;
+    }
+    return out;
+  }
+
+  /** Checks a mask bits string as it comes back from a run. */
+  public static void checkBits(String bits, int numLayers) {
+    if (bits == null || bits.length() != numLayers) {
+      throw new IllegalArgumentException("mask has " + (bits == null ? 0 : bits.length()) + " bits, model has "
+          + numLayers + " layers");
+    }
+    for (int i = 0; i < bits.length(); i++) {
+      if (bits.charAt(i) != '0' && bits.charAt(i) != '1') throw new IllegalArgumentException("mask is not 0/1 text");
+    }
+  }
+
+  /** Indices of skipped layers (the '0' bits). */
+  public static List<Integer> skippedLayers(String bits) {
+    List<Integer> out = new ArrayList<>();
+    for (int i = 0; i < bits.length(); i++) if (bits.charAt(i) == '0') out.add(i);
+    return out;
+  }
+
+  /** Skipped layers / all layers (0 for an empty mask). */
+  public static double skipRatio(String bits) {
+    return bits.isEmpty() ? 0.0 : (double) skippedLayers(bits).size() / bits.length();
+  }
+
+  /** Compact ranges of layer indices, e.g. [3,4,5,9] gives "3-5, 9"; empty gives "none". */
+  public static String ranges(List<Integer> layers) {
+    if (layers.isEmpty()) return "none";
+    StringBuilder b = new StringBuilder();
+    int start = layers.get(0);
+    int prev = start;
+    for (int k = 1; k <= layers.size(); k++) {
+      int cur = k < layers.size() ? layers.get(k) : Integer.MIN_VALUE;
+      if (cur != prev + 1) {
+        if (b.length() > 0) b.append(", ");
+        b.append(start == prev ? String.valueOf(start) : start + "-" + prev);
+        start = cur;
+      }
+      prev = cur;
+    }
+    return b.toString();
+  }
+
+  /**
+   * One line for the skipped-layers view: a cell per layer ("█" runs, "·" skipped) in groups of ten,
+   * then the count, e.g. "██·█ — skipped 1/4 (layer 2)".
+   */
+  public static String describe(String bits) {
+    StringBuilder cells = new StringBuilder();
+    for (int i = 0; i < bits.length(); i++) {
+      if (i > 0 && i % 10 == 0) cells.append(' ');
+      cells.append(bits.charAt(i) == '1' ? '\u2588' : '\u00b7');
+    }
+    List<Integer> skipped = skippedLayers(bits);
+    String which = skipped.isEmpty() ? "no layer" : (skipped.size() == 1 ? "layer " : "layers ") + ranges(skipped);
+    return cells + " \u2014 skipped " + skipped.size() + "/" + bits.length() + " (" + which + ")";
+  }
+}
