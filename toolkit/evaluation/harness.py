@@ -91,13 +91,34 @@ def _prompt_ids(model: FirstModel, text: str, chat: bool, max_prompt: int) -> li
 
 
 @torch.no_grad()
+def _scored_forward(system: System, ids: torch.Tensor, attn: torch.Tensor, prompt_len: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of ``ids`` [B, T] (rows share their first ``prompt_len`` tokens) under the mask decided on
+    those prompt tokens; returns ``(logits float, mask [L] of row 0)``.
+
+    With routers this is one pass: the routers pool over the prompt positions only, which (causal
+    attention) equals deciding on a prompt-only prefill and then scoring with the frozen mask.
+    """
+    from firstkit.training.trainer import prompt_pooling
+
+    model = system.model
+    ids, attn = ids.to(model.device), attn.to(model.device)
+    if system.policy is None and model.routers is not None:
+        prompt_mask = torch.zeros_like(attn)
+        prompt_mask[:, :prompt_len] = 1
+        with prompt_pooling(model.routers, prompt_mask):
+            out = model.forward(ids, attention_mask=attn)
+        return out.logits.float(), out.mask[0].cpu()
+    mask = system.mask(ids[:1, :prompt_len])[0]
+    return model.forward(ids, attention_mask=attn, mask=mask.to(model.device)).logits.float(), mask
+
+
+@torch.no_grad()
 def _eval_mc(system: System, task: Task, records: list[dict], max_prompt: int, bar) -> tuple[list, list, list]:
-    model, tok = system.model, system.model.tokenizer
+    tok = system.model.tokenizer
     preds, masks, plens = [], [], []
     for r in records:
         q = _tok(tok, r["query"])[-max_prompt:]
-        ids_q = torch.tensor([q], device=model.device)
-        mask = system.mask(ids_q)[0]
         conts = [_tok(tok, " " + c, special=False) or [tok.eos_token_id or 0] for c in r["choices"]]
         width = len(q) + max(len(c) for c in conts)
         ids = torch.zeros(len(conts), width, dtype=torch.long)
@@ -105,8 +126,7 @@ def _eval_mc(system: System, task: Task, records: list[dict], max_prompt: int, b
         for b, c in enumerate(conts):
             ids[b, : len(q) + len(c)] = torch.tensor(q + c)
             attn[b, : len(q) + len(c)] = 1
-        logits = model.forward(ids.to(model.device), attention_mask=attn.to(model.device),
-                               mask=mask.to(model.device)).logits.float()
+        logits, mask = _scored_forward(system, ids, attn, len(q))
         logp = torch.log_softmax(logits, dim=-1)
         scores = []
         for b, c in enumerate(conts):
@@ -160,8 +180,7 @@ def _eval_perplexity(system: System, windows: list[list[int]], prefix: int, bar)
     for w in windows:
         ids = torch.tensor([w], device=model.device)
         pre = max(1, min(prefix, len(w) - 1))
-        mask = system.mask(ids[:, :pre])[0]
-        logits = model.forward(ids, mask=mask.to(model.device)).logits.float()
+        logits, mask = _scored_forward(system, ids, torch.ones_like(ids), pre)
         logp = torch.log_softmax(logits[0, pre - 1 : -1], dim=-1)
         target = ids[0, pre:]
         nll -= float(logp.gather(-1, target[:, None]).sum())
@@ -262,12 +281,22 @@ def _with_routers(model: FirstModel, routers: RouterStack | None) -> FirstModel:
     return view
 
 
+_BI_CACHE: dict[int, list[float]] = {}
+
+
 def matched_policy(name: str, model: FirstModel, skip_ratio: float, calibration: Sequence[torch.Tensor],
                    seed: int = 0) -> policies.MaskPolicy:
-    """Baseline skipping ``round(skip_ratio * L)`` layers (capped at the skippable count)."""
+    """Baseline skipping ``round(skip_ratio * L)`` layers (capped at the skippable count).
+
+    ``static`` skips the ``k`` skippable layers of lowest block influence on ``calibration``.
+    """
     k = min(round(skip_ratio * model.num_layers), len(policies.skippable_layers(model)))
     if name == "static":
-        return policies.static_policy(model, calibration, num_skip=k)
+        key = id(model.base)
+        if key not in _BI_CACHE:
+            _BI_CACHE[key] = policies.block_influence(model, calibration)
+        bi = _BI_CACHE[key]
+        return policies.StaticPolicy(sorted(policies.skippable_layers(model), key=lambda i: bi[i])[:k], "static")
     return policies.make_policy(name, model, num_skip=k, seed=seed)
 
 
