@@ -38,7 +38,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @click.option("--router-dim", type=int, default=32, show_default=True)
 @click.option("--init-bias", type=float, default=0.3, show_default=True,
               help="Initial router logit (> 0: every layer runs at step 0).")
-@click.option("--warm-start", type=click.Choice(["loo", "bi", "none"]), default="loo", show_default=True,
+@click.option("--warm-start", type=click.Choice(["loo", "bi", "none"]), default="bi", show_default=True,
               help="Initial router biases: leave-one-out static mask at the budget (loo), all running and "
                    "ordered by block influence (bi), or all equal (none).")
 @click.option("--bias-spread", type=float, default=2.0, show_default=True,

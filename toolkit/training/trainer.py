@@ -56,7 +56,7 @@ class TrainConfig:
     budget_weight: float = 20.0
     router_dim: int = 32
     init_bias: float = 1.0
-    warm_start: str = "loo"  # "loo": start at the leave-one-out static mask; "bi": biases ordered by block
+    warm_start: str = "bi"  # "loo": start at the leave-one-out static mask; "bi": biases ordered by block
     #                          influence, all layers running; "none": all biases equal init_bias
     bias_spread: float = 2.0  # range of the warm-started biases
     weight_decay: float = 0.0
