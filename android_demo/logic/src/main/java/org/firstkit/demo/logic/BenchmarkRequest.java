@@ -118,6 +118,20 @@ public final class BenchmarkRequest {
     return a;
   }
 
+  /**
+   * Resolves relative {@code bundle} and {@code out} extras on the device: a bundle name is looked up under
+   * {@code bundlesDir} (the app's external files/bundles, where {@code adb push} puts bundles), a relative out path
+   * under {@code filesDir} (readable with {@code adb pull /sdcard/Android/data/org.firstkit.demo/files/...}).
+   */
+  public static Map<String, String> resolvePaths(Map<String, String> extras, String bundlesDir, String filesDir) {
+    Map<String, String> m = new java.util.LinkedHashMap<>(extras);
+    String b = m.get("bundle");
+    if (b != null && !b.isEmpty() && !b.startsWith("/")) m.put("bundle", new java.io.File(bundlesDir, b).getPath());
+    String o = m.get("out");
+    if (o != null && !o.isEmpty() && !o.startsWith("/")) m.put("out", new java.io.File(filesDir, o).getPath());
+    return m;
+  }
+
   /** The status object written to {@code out + ".done"} when the benchmark ends. */
   public static String status(boolean ok, int runsWritten, String error) {
     Map<String, Object> m = new java.util.LinkedHashMap<>();

@@ -153,7 +153,7 @@ public final class BundleManifest {
     }
     Object fv = m.get("format_version");
     if (!(Json.isInt(fv) && ((Number) fv).longValue() == FORMAT_VERSION)) {
-      throw new BundleException(where + ": format_version " + fv + " is not supported (this app reads version "
+      throw new BundleException(where + ": format_version " + fv + " is not supported (this firstkit reads version "
           + FORMAT_VERSION + ")");
     }
     Object modelObj = m.get("model");

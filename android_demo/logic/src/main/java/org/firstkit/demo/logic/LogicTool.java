@@ -17,6 +17,8 @@ import java.util.Map;
  * <pre>
  *   manifest BUNDLE_DIR [--no-hashes]      validate a bundle like the app; prints a JSON summary
  *   encode TOKENIZER_DIR TEXT [--raw]       prompt ids as the app computes them (chat template unless --raw)
+ *   encode-json TOKENIZER_DIR FILE [--raw]  the same for a JSON array of texts; prints an array of id arrays
+ *   check-manifests FILE                    JSON array of manifest objects; prints null or the error of each
  *   mask SPEC NUM_LAYERS                    override vector for a mask spec (Java rules)
  *   native-mask SPEC NUM_LAYERS             the same through the JNI bridge (the core's rules)
  *   describe BITS                           the skipped-layers line the app shows
@@ -67,6 +69,33 @@ public final class LogicTool {
         System.out.println(Json.write(ids));
         return 0;
       }
+      case "encode-json": {
+        if (a.length < 3) return usage();
+        File dir = new File(a[1]);
+        BpeTokenizer tok = BpeTokenizer.fromDirectory(dir);
+        boolean raw = Arrays.asList(a).contains("--raw");
+        PromptFormat fmt = raw ? null : PromptFormat.fromTokenizerDir(dir);
+        List<Object> out = new java.util.ArrayList<>();
+        for (Object t : (List<?>) Json.parse(String.join("\n", lines(new File(a[2]))))) {
+          out.add(raw ? tok.encode((String) t, true) : fmt.encode(tok, (String) t));
+        }
+        System.out.println(Json.write(out));
+        return 0;
+      }
+      case "check-manifests": {
+        if (a.length < 2) return usage();
+        List<Object> out = new java.util.ArrayList<>();
+        for (Object m : (List<?>) Json.parse(String.join("\n", lines(new File(a[1]))))) {
+          try {
+            BundleManifest.parse(Json.write(m), "manifest.json");
+            out.add(null);
+          } catch (BundleException e) {
+            out.add(e.getMessage());
+          }
+        }
+        System.out.println(Json.write(out));
+        return 0;
+      }
       case "mask":
       case "native-mask": {
         if (a.length < 3) return usage();
@@ -114,7 +143,8 @@ public final class LogicTool {
   }
 
   private static int usage() {
-    System.err.println("usage: LogicTool manifest DIR [--no-hashes] | encode TOKDIR TEXT [--raw] | mask SPEC N | "
+    System.err.println("usage: LogicTool manifest DIR [--no-hashes] | encode TOKDIR TEXT [--raw] | encode-json TOKDIR FILE [--raw] | "
+        + "check-manifests FILE | mask SPEC N | "
         + "native-mask SPEC N | describe BITS | result FILE | bench KEY=VALUE...");
     return 2;
   }

@@ -1,0 +1,469 @@
+"""android_demo: what can be checked without an Android SDK/NDK.
+
+- AndroidManifest.xml and resources are well-formed and compile with Debian's ``aapt`` against the platform
+  framework resources; every ``R.*`` the Kotlin code uses exists.
+- The JNI bridge (app/src/main/cpp) is compiled for Linux against the SAME shared runner core
+  (device_bench/runner/core), a real ``jni.h`` (OpenJDK) and the executorch wheel, then loaded from the app's
+  plain-Java logic module (android_demo/logic, compiled with javac) to run a bundle written by the real
+  ``first-export``: tokens, text and mask equal the Python runtime (first-run), results validate against
+  device_bench/schemas/run_result.schema.json.
+- The plain-Java logic agrees with the Python side: manifest validation (firstkit.runtime.bundle), prompt
+  encoding (Hugging Face tokenizers + chat template), mask specs (the core's parse_mask_spec).
+
+System packages: openjdk-17-jdk-headless (javac, jni.h), aapt and android-framework-res (resources).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "android_demo"
+APP = DEMO / "app" / "src" / "main"
+LOGIC = DEMO / "logic" / "src" / "main" / "java"
+CORE = REPO / "device_bench" / "runner" / "core"
+FRAMEWORK_RES = Path("/usr/share/android-framework-res/framework-res.apk")
+ANDROID_NS = "{http://schemas.android.com/apk/res/android}"
+PROMPT = "Hello, w"
+_ROOT = Path(tempfile.mkdtemp(prefix="firstkit-android-tests-"))
+
+
+def _need(tool: str, package: str) -> str:
+    path = shutil.which(tool)
+    if not path:
+        pytest.fail(f"{tool} missing: install the Debian package {package} (tests/install_system_deps.sh)")
+    return path
+
+
+def _java_home() -> Path:
+    javac = Path(os.path.realpath(_need("javac", "openjdk-17-jdk-headless")))
+    home = Path(os.environ.get("JAVA_HOME") or javac.parents[1])
+    if not (home / "include" / "jni.h").is_file():
+        pytest.fail(f"jni.h not found under {home}/include: install openjdk-17-jdk-headless or set JAVA_HOME")
+    return home
+
+
+@functools.cache
+def java_classes() -> Path:
+    """The logic module compiled with javac (Java 11 language level, as the Gradle module declares)."""
+    _need("javac", "openjdk-17-jdk-headless")
+    out = _ROOT / "classes"
+    sources = sorted(str(p) for p in LOGIC.rglob("*.java"))
+    res = subprocess.run(["javac", "--release", "11", "-Xlint:all", "-Werror", "-d", str(out), *sources],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+@functools.cache
+def jni_library() -> Path:
+    """libfirstkit_jni.so built for Linux by the app's own CMakeLists.txt (package mode, executorch wheel)."""
+    import executorch
+
+    _need("cmake", "pip install cmake")
+    _need("ninja", "pip install ninja")
+    env = dict(os.environ, JAVA_HOME=str(_java_home()))
+    build = _ROOT / "jni-build"
+    et_root = list(executorch.__path__)[0]
+    cfg = subprocess.run(["cmake", "-S", str(APP / "cpp"), "-B", str(build), "-G", "Ninja",
+                          f"-DEXECUTORCH_ROOT={et_root}", "-DCMAKE_BUILD_TYPE=Release"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    res = subprocess.run(["cmake", "--build", str(build)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lib = build / "libfirstkit_jni.so"
+    assert lib.is_file()
+    return lib
+
+
+def logic_tool(*args, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run org.firstkit.demo.logic.LogicTool (with the JNI library on java.library.path when built)."""
+    cmd = ["java", "-cp", str(java_classes())]
+    if any(a in ("bench", "native-mask") for a in args[:1]):
+        cmd.append(f"-Djava.library.path={jni_library().parent}")
+    res = subprocess.run([*cmd, "org.firstkit.demo.logic.LogicTool", *map(str, args)], capture_output=True,
+                         text=True, timeout=timeout)
+    if check:
+        assert res.returncode == 0, res.stderr
+    return res
+
+
+@functools.cache
+def tiny_bundle() -> Path:
+    """The tiny Llama bundle written by the real first-export (shared with the export/bench tests)."""
+    from test_export_support import tiny_bundle as export_tiny
+
+    path, _ = export_tiny("llama")
+    return path
+
+
+def bundle_copy(name: str) -> Path:
+    dest = _ROOT / name
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(tiny_bundle(), dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Manifest and resources
+# ---------------------------------------------------------------------------------------------------------------
+
+def _xml_files() -> list[Path]:
+    return [APP / "AndroidManifest.xml", *sorted((APP / "res").rglob("*.xml"))]
+
+
+def test_xml_well_formed_and_manifest_declares_both_entry_points():
+    for f in _xml_files():
+        ET.parse(f)  # raises on malformed XML
+    root = ET.parse(APP / "AndroidManifest.xml").getroot()
+    acts = {a.get(f"{ANDROID_NS}name"): a for a in root.iter("activity")}
+    assert set(acts) == {".MainActivity", ".BenchmarkActivity"}
+    launcher = acts[".MainActivity"]
+    assert launcher.get(f"{ANDROID_NS}exported") == "true"
+    actions = [e.get(f"{ANDROID_NS}name") for e in launcher.iter("action")]
+    assert actions == ["android.intent.action.MAIN"]
+    # first-bench starts the benchmark from adb: it must be exported
+    assert acts[".BenchmarkActivity"].get(f"{ANDROID_NS}exported") == "true"
+    # every Kotlin class the manifest names exists
+    for name in acts:
+        assert (APP / "java" / "org" / "firstkit" / "demo" / f"{name[1:]}.kt").is_file()
+
+
+def _resource_names() -> dict[str, set[str]]:
+    names: dict[str, set[str]] = {"id": set(), "string": set(), "color": set(), "layout": set(), "drawable": set(),
+                                  "style": set()}
+    for f in (APP / "res").rglob("*.xml"):
+        kind = f.parent.name.split("-")[0]
+        if kind in ("layout", "drawable"):
+            names[kind].add(f.stem)
+        for el in ET.parse(f).getroot().iter():
+            rid = el.get(f"{ANDROID_NS}id")
+            if rid and rid.startswith("@+id/"):
+                names["id"].add(rid[5:])
+            if kind == "values" and el.tag in ("string", "color", "style"):
+                names[el.tag].add(el.get("name").replace(".", "_"))
+    return names
+
+
+def test_every_resource_the_kotlin_code_uses_exists():
+    names = _resource_names()
+    used = set()
+    for kt in (APP / "java").rglob("*.kt"):
+        used |= set(re.findall(r"\bR\.(id|string|color|layout|drawable|style)\.(\w+)", kt.read_text()))
+    assert ("layout", "activity_main") in used and ("id", "generate_button") in used
+    missing = sorted(f"R.{k}.{n}" for k, n in used if n not in names[k])
+    assert not missing, f"resources used in Kotlin but not defined: {missing}"
+
+
+def test_resources_compile_with_aapt(tmp_path):
+    """aapt packages the manifest and resources against the platform framework (what AGP's aapt2 checks)."""
+    aapt = _need("aapt", "aapt")
+    if not FRAMEWORK_RES.is_file():
+        pytest.fail(f"{FRAMEWORK_RES} missing: install the Debian package android-framework-res")
+    # AGP injects the package from `namespace` (app/build.gradle.kts) when it merges the manifest.
+    gradle = (DEMO / "app" / "build.gradle.kts").read_text()
+    namespace = re.search(r'namespace = "([\w.]+)"', gradle).group(1)
+    text = (APP / "AndroidManifest.xml").read_text()
+    assert "package=" not in text  # the namespace is the single source of truth
+    manifest = tmp_path / "AndroidManifest.xml"
+    manifest.write_text(text.replace("<manifest ", f'<manifest package="{namespace}" ', 1))
+    min_sdk = re.search(r"minSdk = (\d+)", gradle).group(1)
+    apk, gen = tmp_path / "res.apk", tmp_path / "gen"
+    gen.mkdir()
+    res = subprocess.run([aapt, "package", "-f", "-M", str(manifest), "-S", str(APP / "res"), "-I",
+                          str(FRAMEWORK_RES), "-F", str(apk), "-J", str(gen), "--min-sdk-version", min_sdk],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    badging = subprocess.run([aapt, "dump", "badging", str(apk)], capture_output=True, text=True, timeout=60).stdout
+    assert f"package: name='{namespace}'" in badging
+    assert f"launchable-activity: name='{namespace}.MainActivity'" in badging
+    assert "application-label:'firstkit demo'" in badging
+    # the R class aapt generated has every id the Kotlin code uses
+    r_java = next(gen.rglob("R.java")).read_text()
+    for kt in (APP / "java").rglob("*.kt"):
+        for rid in re.findall(r"\bR\.id\.(\w+)", kt.read_text()):
+            assert re.search(rf"\bint {rid}\s*=", r_java), rid
+
+
+def test_gradle_project_is_conventional():
+    settings = (DEMO / "settings.gradle.kts").read_text()
+    assert 'include(":app", ":logic")' in settings
+    app = (DEMO / "app" / "build.gradle.kts").read_text()
+    assert 'implementation("org.pytorch:executorch-android:$executorchVersion")' in app
+    assert 'path = file("src/main/cpp/CMakeLists.txt")' in app
+    assert 'implementation(project(":logic"))' in app
+    # the ExecuTorch Android runtime must be the release the exporter used (.pte + headers compatibility)
+    props = (DEMO / "gradle.properties").read_text()
+    from importlib.metadata import version
+
+    import executorch  # noqa: F401
+
+    assert f"firstkit.executorchVersion={version('executorch')}" in props
+    cmake = (APP / "cpp" / "CMakeLists.txt").read_text()
+    for src in ("first_runner.cpp", "json.cpp", "sha256.cpp", "tokenizer.cpp"):
+        assert f"${{FIRSTKIT_CORE_DIR}}/{src}" in cmake and (CORE / src).is_file()
+    assert sorted(p.name for p in CORE.glob("*.cpp")) == ["first_runner.cpp", "json.cpp", "sha256.cpp",
+                                                           "tokenizer.cpp"], "core gained a source: add it"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JNI bridge on Linux, against the same core
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_jni_symbols_match_the_java_natives():
+    lib = jni_library()
+    syms = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
+    java = (LOGIC / "org" / "firstkit" / "demo" / "logic" / "NativeRunner.java").read_text()
+    natives = re.findall(r"native \S+ (\w+)\(", java)
+    assert len(natives) == 7
+    for m in natives:
+        assert f"Java_org_firstkit_demo_logic_NativeRunner_{m}" in syms, m
+    # the core is compiled into the bridge (not stubbed)
+    assert "_ZN8firstkit6Runner4load" in syms
+
+
+@pytest.mark.parametrize("spec,n", [("auto", 4), ("all", 3), ("0110", 4), ("", 2), ("01x0", 4), ("011", 4),
+                                    ("ALL", 2), ("1", 1)])
+def test_java_mask_rules_equal_the_core(spec, n):
+    java = logic_tool("mask", spec, n, check=False)
+    core = logic_tool("native-mask", spec, n, check=False)
+    assert java.returncode == core.returncode
+    assert java.stdout == core.stdout
+    if java.returncode:
+        assert java.stderr.strip().splitlines()[-1] == core.stderr.strip().splitlines()[-1]
+        assert "mask" in java.stderr
+
+
+def _python_runtime(bundle: Path, prompt_ids: list[int], mask: str, n: int):
+    from firstkit.runtime import load_bundle
+
+    return load_bundle(bundle).generate(prompt_ids, max_new_tokens=n, mask=mask, stop_at_eos=False)
+
+
+@pytest.mark.parametrize("mask", ["auto", "all", "1001"])
+def test_headless_benchmark_equals_python_runtime(mask, tmp_path):
+    """BenchmarkActivity's logic on the JVM: manifest check, on-device prompt encoding, JNI core, JSON lines."""
+    import jsonschema
+
+    bundle = tiny_bundle()
+    out = tmp_path / "bench.jsonl"
+    res = logic_tool("bench", f"bundle={bundle}", f"prompt={PROMPT}", "max_new_tokens=10", "runs=2", "warmup=1",
+                     f"mask={mask}", "ignore_eos=true", f"out={out}", "threads=1")
+    status = json.loads(Path(f"{out}.done").read_text())
+    assert status == {"ok": True, "runs": 2, "error": None}, res.stderr
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2
+    schema = json.loads((REPO / "device_bench" / "schemas" / "run_result.schema.json").read_text())
+    from firstkit.runtime.bundle import manifest_sha256
+
+    prompt_ids = json.loads(logic_tool("encode", bundle / "tokenizer", PROMPT).stdout)
+    ref = _python_runtime(bundle, prompt_ids, mask, 10)
+    for line in lines:
+        r = json.loads(line)
+        jsonschema.validate(r, schema)
+        assert r["runner"] == "android" and r["backend"] == "executorch" and r["threads"] == 1
+        assert r["bundle_sha256"] == manifest_sha256(bundle)
+        assert r["prompt_tokens"] == len(prompt_ids)
+        assert r["tokens"] == ref["tokens"] and r["mask"] == ref["mask"] and r["text"] == ref["text"]
+        assert len(r["tokens"]) == 10 and len(r["decode_ms"]) == 9
+        if mask != "auto":
+            assert r["mask"] == ("1111" if mask == "all" else mask)
+    # the Java result validator accepts what the core wrote
+    assert len(logic_tool("result", out).stdout.splitlines()) == 2
+
+
+def test_prompt_encoding_on_device_equals_first_run():
+    from transformers import AutoTokenizer
+
+    bundle = tiny_bundle()
+    hf = AutoTokenizer.from_pretrained(bundle / "tokenizer")
+    ids = json.loads(logic_tool("encode", bundle / "tokenizer", PROMPT).stdout)
+    assert ids == hf(PROMPT).input_ids
+
+
+def test_benchmark_errors_are_reported_not_crashed(tmp_path):
+    bundle = bundle_copy("damaged")
+    out = tmp_path / "b.jsonl"
+    # a truncated program: the manifest check names the file, nothing is written to out
+    pte = bundle / "model.pte"
+    pte.write_bytes(pte.read_bytes()[:-10])
+    res = logic_tool("bench", f"bundle={bundle}", "prompt_ids=1,2,3", f"out={out}", check=False)
+    assert res.returncode == 1
+    status = json.loads(Path(f"{out}.done").read_text())
+    assert status["ok"] is False and status["runs"] == 0 and "model.pte" in status["error"]
+    assert "truncated" in status["error"] and not out.exists()
+    # a wrong mask length comes back from the core's rules as one line
+    res = logic_tool("bench", f"bundle={tiny_bundle()}", "prompt_ids=1,2,3", "mask=10", f"out={out}", check=False)
+    status = json.loads(Path(f"{out}.done").read_text())
+    assert res.returncode == 1 and status["ok"] is False and "2 bits, model has 4 layers" in status["error"]
+    # a prompt longer than the bundle's max_seq_len: the core refuses it
+    long_ids = ",".join(["5"] * 30)
+    logic_tool("bench", f"bundle={tiny_bundle()}", f"prompt_ids={long_ids}", f"out={out}", check=False)
+    status = json.loads(Path(f"{out}.done").read_text())
+    assert status["ok"] is False and "max_seq_len" in status["error"]
+    # bad extras are usage errors before anything runs
+    for extras, msg in [(["prompt_ids=1"], "missing extra 'bundle'"),
+                        ([f"bundle={bundle}", "prompt_ids=1", "runs=0", f"out={out}"], "runs needs an integer >= 1"),
+                        ([f"bundle={bundle}", f"out={out}"], "exactly one of the extras prompt_ids and prompt"),
+                        ([f"bundle={bundle}", "prompt_ids=1", "speed=fast", f"out={out}"], "unknown benchmark extra")]:
+        res = logic_tool("bench", *extras, check=False)
+        assert res.returncode == 1 and msg in res.stderr, res.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plain-Java logic vs the Python side
+# ---------------------------------------------------------------------------------------------------------------
+
+def _manifest_variants(good: dict) -> list[dict]:
+    out = [good]
+
+    def variant(fn):
+        m = copy.deepcopy(good)
+        fn(m)
+        out.append(m)
+
+    variant(lambda m: m.pop("files"))
+    variant(lambda m: m.pop("routing") and m.pop("versions"))
+    variant(lambda m: m.update(format="other"))
+    variant(lambda m: m.update(format_version=2))
+    variant(lambda m: m["model"].pop("eos_ids"))
+    variant(lambda m: m["model"].update(num_layers=0))
+    variant(lambda m: m.update(max_seq_len="24"))
+    variant(lambda m: m["routing"].pop("policy"))
+    variant(lambda m: m["routing"].update(protected_layers=[0, 4]))
+    variant(lambda m: m.update(backends={}))
+    variant(lambda m: m["backends"].update(tflite={}))
+    variant(lambda m: m.update(files=[]))
+    variant(lambda m: m["files"].update({"../evil": {"sha256": "0" * 64, "size": 1}}))
+    variant(lambda m: m["files"].update({"x": {"size": 1}}))
+    variant(lambda m: m["backends"]["executorch"].update(file="other.pte"))
+    variant(lambda m: m["backends"]["executorch"]["methods"].pop("layer_2"))
+    variant(lambda m: m["backends"]["onnx"]["decode"].update(file="onnx/missing.onnx"))
+    return out
+
+
+def test_manifest_check_equals_python_runtime(tmp_path):
+    from firstkit.runtime.bundle import BundleError, validate_manifest
+
+    good = json.loads((tiny_bundle() / "manifest.json").read_text())
+    variants = _manifest_variants(good)
+    f = tmp_path / "manifests.json"
+    f.write_text(json.dumps(variants))
+    java = json.loads(logic_tool("check-manifests", f).stdout)
+    assert len(java) == len(variants)
+    for m, jerr in zip(variants, java, strict=True):
+        try:
+            validate_manifest(m, "manifest.json")
+            perr = None
+        except BundleError as e:
+            perr = str(e)
+        assert jerr == perr, (jerr, perr)
+    assert java[0] is None and all(e is not None for e in java[1:])
+
+
+def test_manifest_file_checks(tmp_path):
+    bundle = bundle_copy("edited")
+    ok = json.loads(logic_tool("manifest", bundle).stdout)
+    assert ok["ok"] and ok["num_layers"] == 4 and ok["pte"] == "model.pte"
+    tok = bundle / "tokenizer" / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes() + b" ")  # one byte more
+    res = logic_tool("manifest", bundle, check=False)
+    assert res.returncode == 1 and "tokenizer/tokenizer.json has" in res.stderr and "truncated?" in res.stderr
+    tok.write_bytes(tok.read_bytes()[:-2] + b"x")  # same size, other content
+    res = logic_tool("manifest", bundle, check=False)
+    assert res.returncode == 1 and "sha256 of tokenizer/tokenizer.json does not match" in res.stderr
+    assert logic_tool("manifest", bundle, "--no-hashes").returncode == 0
+    res = logic_tool("manifest", tmp_path, check=False)
+    assert res.returncode == 1 and "no manifest.json (not a firstkit bundle)" in res.stderr
+
+
+TEXTS = ["Hello, world!", "The capital of France is Paris.", "  leading and trailing  ", "tabs\tand\nnewlines\n\n",
+         "numbers 12345 and 3.14159", "don't you'll we've I'm", "ünïcödé café naïve", "日本語のテキスト",
+         "emoji 😀🚀 mixed", "<|im_start|>user\nhi<|im_end|>", "a" * 50, "x<|im_end|>y", ""]
+
+
+@functools.cache
+def trained_tokenizer_dir() -> Path:
+    """A small byte-level BPE tokenizer trained offline (real merges), ChatML specials and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [t for t in TEXTS if t] * 20 + ["the quick brown fox jumps over the lazy dog " * 5,
+                                             "The capital of France is Paris and Berlin is in Germany."] * 20
+    tok.train_from_iterator(corpus, trainer)
+    template = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                "{{ '<|im_start|>system\nYou are a tiny test assistant<|im_end|>\n' }}{% endif %}"
+                "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>")
+    fast.chat_template = template
+    out = _ROOT / "trained-tokenizer"
+    fast.save_pretrained(out)
+    return out
+
+
+def _compare_tokenizer(tok_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tok_dir)
+    f = tmp_path / "texts.json"
+    f.write_text(json.dumps(TEXTS))
+    raw = json.loads(logic_tool("encode-json", tok_dir, f, "--raw").stdout)
+    assert raw == [hf(t).input_ids for t in TEXTS]
+    prompts = [t for t in TEXTS if t]
+    f.write_text(json.dumps(prompts))
+    chat = json.loads(logic_tool("encode-json", tok_dir, f).stdout)
+    expected = []
+    for p in prompts:  # exactly FirstModel.encode_chat / first-run
+        text = hf.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        expected.append(hf(text, add_special_tokens=False).input_ids)
+    assert chat == expected
+    assert any(len(ids) < len(t.encode()) for ids, t in zip(raw, TEXTS, strict=True))  # merges were applied
+
+
+def test_prompt_encoder_equals_hf_tokenizer_trained(tmp_path):
+    _compare_tokenizer(trained_tokenizer_dir(), tmp_path)
+
+
+SMOLLM2 = Path.home() / ".cache" / "firstkit" / "models" / "smollm2-135m-instruct"
+
+
+@pytest.mark.realmodel
+@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").is_file(), reason="default model not converted yet "
+                    "(first use of firstkit.models.resolve_model downloads and caches it)")
+def test_prompt_encoder_equals_hf_tokenizer_smollm2(tmp_path):
+    _compare_tokenizer(SMOLLM2, tmp_path)
+
+
+def test_unsupported_tokenizer_is_refused_clearly(tmp_path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab={"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.normalizer = normalizers.Lowercase()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    res = logic_tool("encode", tmp_path, "a", "--raw", check=False)
+    assert res.returncode == 1 and "only BPE models are supported" in res.stderr
+
+
+def test_skipped_layers_view():
+    assert logic_tool("describe", "1011").stdout.strip() == "█·██ — skipped 1/4 (layer 1)"
+    line = logic_tool("describe", "1" + "0" * 3 + "11" + "0" * 2 + "1" * 4).stdout.strip()
+    assert line == "█···██··██ ██ — skipped 5/12 (layers 1-3, 6-7)"
