@@ -179,6 +179,8 @@ class Target:
     def kill(self, pidfile: str) -> None: ...
     def recover(self) -> bool:
         return False
+    def online(self) -> bool:
+        return True
     def cleanup(self, purge: bool) -> None: ...
 
 
@@ -363,6 +365,14 @@ class AdbTarget(Target):
 
     def recover(self) -> bool:
         return self.adb.wait_online(self.reconnect_s)
+
+    def online(self) -> bool:
+        if self.adb.state() != "device":
+            return False
+        try:
+            return self.adb.shell(["true"], timeout=15).returncode == 0
+        except AdbError:
+            return False
 
     def cleanup(self, purge: bool) -> None:
         paths = [self.base] if purge else [self._session]
@@ -557,20 +567,27 @@ def _run_config(target: Target, s: Settings, store: ResultStore, rec0: dict, spe
                 "--threads", str(threads), "--mask", spec, "--warmup", str(s.warmup if attempt == 0 else 0),
                 "--runs", str(remaining), "--ignore-eos", "--no-verify", "--out", out]
         err = None
+        disconnected = False
         try:
             o = target.run(argv, {"FIRSTKIT_PIDFILE": pid}, s.timeout)
             if o.returncode != 0:
                 err = _describe_failure(o, s.timeout)
                 if o.timed_out:
                     target.kill(pid)
+            n_lines = sum(1 for ln in o.stdout.splitlines() if ln.startswith("{"))
+            # adb reports exit status 0 with truncated output when the transport drops: ask the device
+            if (o.returncode != 0 or n_lines < remaining) and not target.online():
+                disconnected = True
         except AdbError as e:
-            if e.kind != "offline":
+            if e.kind not in ("offline", "timeout"):
                 raise
-            err = f"device disconnected during the run ({e})"
+            disconnected = True
+        if disconnected:
+            err = "device disconnected during the run"
             log(f"{target.name}: {err}; reconnecting")
             if not target.recover():
                 raise BenchError(f"{target.name}: device disconnected during the run and did not come back; "
-                                 "finished runs are kept, rerun the same command to resume") from e
+                                 "finished runs stay on the device until the next run, rerun to resume")
             log(f"{target.name}: reconnected, resuming")
         # collect every run that finished, even after a failure
         got = 0
@@ -579,8 +596,9 @@ def _run_config(target: Target, s: Settings, store: ResultStore, rec0: dict, spe
             try:
                 present = target.fetch(out, local)
             except AdbError as e:
-                present = False
-                err = err or f"cannot pull results: {e}"
+                if not target.recover():
+                    raise BenchError(f"{target.name}: cannot pull results ({e}); rerun to resume") from e
+                present = target.fetch(out, local)
             if present:
                 recs = []
                 for line in local.read_text(errors="replace").splitlines():

@@ -58,6 +58,7 @@ class Faults:
     crash_count: int = 1
     hang_match: str | None = None            # SIGSTOP the matching shell command after it starts
     hang_count: int = 1
+    hang_after_s: float = 0.0                # delay before SIGSTOP
     refuse_connections: bool = False         # close new transport connections immediately
     events: list[str] = field(default_factory=list)  # what was injected (for assertions)
 
@@ -242,11 +243,15 @@ class _Stream:
         if hang:
             faults.events.append(f"hang: {command}")
 
-            def _stop() -> None:
-                time.sleep(0.3)
+            if faults.hang_after_s <= 0:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGSTOP)
-            threading.Thread(target=_stop, daemon=True).start()
+            else:
+                def _stop() -> None:
+                    time.sleep(faults.hang_after_s)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGSTOP)
+                threading.Thread(target=_stop, daemon=True).start()
         if drop and faults.disconnect_after_output is None:
             faults.events.append(f"disconnect: {command}")
             threading.Timer(faults.disconnect_after_s, self.conn.close).start()
