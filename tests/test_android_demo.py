@@ -308,6 +308,10 @@ def test_benchmark_errors_are_reported_not_crashed(tmp_path):
     res = logic_tool("bench", f"bundle={tiny_bundle()}", "prompt_ids=1,2,3", "mask=10", f"out={out}", check=False)
     status = json.loads(Path(f"{out}.done").read_text())
     assert res.returncode == 1 and status["ok"] is False and "2 bits, model has 4 layers" in status["error"]
+    # a mask that skips a protected layer (routing.protected_layers = [0, 3]) is refused by the core
+    logic_tool("bench", f"bundle={tiny_bundle()}", "prompt_ids=1,2,3", "mask=0111", f"out={out}", check=False)
+    status = json.loads(Path(f"{out}.done").read_text())
+    assert status["ok"] is False and "protected layer 0" in status["error"]
     # a prompt longer than the bundle's max_seq_len: the core refuses it
     long_ids = ",".join(["5"] * 30)
     logic_tool("bench", f"bundle={tiny_bundle()}", f"prompt_ids={long_ids}", f"out={out}", check=False)
