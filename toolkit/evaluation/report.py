@@ -177,14 +177,18 @@ def _compute_lines(report: dict[str, Any]) -> str:
 
 
 def merge_reports(reports: Sequence[dict[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
-    """One report from several; systems other than base/lora get ``@label`` appended."""
+    """One report from several; systems other than base get ``@label`` appended.
+
+    Files may share a label (e.g. multiple-choice and generation runs of the same routers): their rows
+    are concatenated. ``base`` rows are kept once per (task, metric).
+    """
     merged: dict[str, Any] = {"model": reports[0]["model"], "results": [], "layer_usage": {},
                               "main_metric": {}, "skip_by_task": {}}
     seen_shared = set()
     for rep, lab in zip(reports, labels, strict=True):
         merged["main_metric"].update(rep.get("main_metric", {}))
         for r in rep["results"]:
-            shared = r["system"] in ("base", "lora")
+            shared = r["system"] == "base"
             if shared:
                 key = (r["system"], r["task"], r["metric"])
                 if key in seen_shared:
@@ -192,9 +196,9 @@ def merge_reports(reports: Sequence[dict[str, Any]], labels: Sequence[str]) -> d
                 seen_shared.add(key)
             merged["results"].append({**r, "system": r["system"] if shared else f"{r['system']}@{lab}"})
         for s, d in rep.get("layer_usage", {}).items():
-            merged["layer_usage"][f"{s}@{lab}"] = d
+            merged["layer_usage"].setdefault(s if s == "base" else f"{s}@{lab}", {}).update(d)
         for s, d in rep.get("skip_by_task", {}).items():
-            merged["skip_by_task"][f"{s}@{lab}"] = d
+            merged["skip_by_task"].setdefault(s if s == "base" else f"{s}@{lab}", {}).update(d)
     return merged
 
 
