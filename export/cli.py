@@ -57,6 +57,8 @@ def summary_table(result) -> str:
               help="Named model, Hugging Face folder or .gguf file.")
 @click.option("--routers", default="auto", show_default=True,
               help="Router checkpoint folder, 'auto' (shipped trained routers if any) or 'none'.")
+@click.option("--budget", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+              help="Skip budget of the shipped routers to use with --routers auto (default: shipped default).")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="executorch", show_default=True)
 @click.option("--quantize", "scheme", type=click.Choice(SCHEMES), default="none", show_default=True,
               help="none = fp32; 8da4w = int8 dynamic activations + int4 weights (ExecuTorch), int4 MatMulNBits "
@@ -71,8 +73,9 @@ def summary_table(result) -> str:
 @click.option("--atol", type=float, default=1e-3, show_default=True, help="fp32 logit tolerance.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Runtime threads for verification.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (manifest + timings) on stdout.")
-def main(model: str, routers: str, backend: str, scheme: str, max_seq_len: int, output: Path | None,
-         verify: bool, verify_tokens: int, atol: float, threads: int | None, as_json: bool) -> None:
+def main(model: str, routers: str, budget: float | None, backend: str, scheme: str, max_seq_len: int,
+         output: Path | None, verify: bool, verify_tokens: int, atol: float, threads: int | None,
+         as_json: bool) -> None:
     """Export MODEL's prefill + per-layer decode graphs to a verified bundle."""
     from tqdm import tqdm
 
@@ -86,7 +89,8 @@ def main(model: str, routers: str, backend: str, scheme: str, max_seq_len: int, 
     t0 = time.perf_counter()
     try:
         result = export_bundle(model, routers, backend, scheme, max_seq_len, output, verify=verify,
-                               threads=threads, verify_tokens=verify_tokens, atol=atol, progress=progress)
+                               threads=threads, verify_tokens=verify_tokens, atol=atol, progress=progress,
+                               budget=budget)
     except (ExportError, ValueError, FileNotFoundError, OSError) as e:
         bar.close()
         raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None

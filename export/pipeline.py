@@ -47,10 +47,11 @@ class ExportResult:
     verification: dict[str, dict] = field(default_factory=dict)
 
 
-def resolve_routers(model_name: str, routers: str | None) -> tuple[str | None, str]:
+def resolve_routers(model_name: str, routers: str | None, budget: float | None = None) -> tuple[str | None, str]:
     """Router checkpoint to use and a one-line description of the mask policy.
 
-    ``routers``: a path, ``"none"``, or ``None``/``"auto"`` = the shipped routers of ``model_name`` if any.
+    ``routers``: a path, ``"none"``, or ``None``/``"auto"`` = the shipped routers of ``model_name`` (at
+    skip ``budget``, default: the shipped default budget) if any.
     """
     if routers not in (None, "auto"):
         if routers == "none":
@@ -64,11 +65,11 @@ def resolve_routers(model_name: str, routers: str | None) -> tuple[str | None, s
         default_routers_path = None
     if default_routers_path is not None:
         try:
-            path = default_routers_path(model_name)
-        except (TypeError, ValueError, KeyError, FileNotFoundError):
-            path = None
+            path = default_routers_path(model_name, budget)
+        except ValueError as e:  # routers shipped, but not at this budget
+            raise ExportError(str(e)) from e
         if path is not None and Path(path).is_dir():
-            return str(path), f"shipped trained routers ({path})"
+            return str(path), f"shipped trained routers ({Path(path).parent.name}/{Path(path).name})"
     return None, (f"no trained routers shipped for {model_name}: all layers run, mask_override decides "
                   "(untrained routers are never used)")
 
@@ -240,7 +241,8 @@ def _atomic_publish(tmp: Path, dest: Path) -> None:
 
 def export_bundle(model: str, routers: str | None, backend: str, scheme: str, max_seq_len: int, output: Path,
                   verify: bool = True, threads: int | None = None, verify_tokens: int = 8, atol: float = 1e-3,
-                  progress: Callable[[str], None] | None = None, first_model=None) -> ExportResult:
+                  progress: Callable[[str], None] | None = None, first_model=None,
+                  budget: float | None = None) -> ExportResult:
     """Run every step; on any failure nothing is left at ``output``."""
     if backend not in BACKEND_CHOICES:
         raise ExportError(f"unknown backend {backend!r}; choose from {', '.join(BACKEND_CHOICES)}")
@@ -254,7 +256,7 @@ def export_bundle(model: str, routers: str | None, backend: str, scheme: str, ma
     timings: dict[str, float] = {}
     t = time.perf_counter()
     if first_model is None:
-        routers_path, policy = resolve_routers(model, routers)
+        routers_path, policy = resolve_routers(model, routers, budget)
         if progress:
             progress(f"load {model}")
         first_model = load_first_model(model, routers_path)

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from click.testing import CliRunner
 
-TINY_LAYERS = {"llama": 4, "gemma3_text": 3}
+TINY_LAYERS = {"llama": 4, "gemma3_text": 2}
+#: protected layers per arch (saved in the router checkpoint's meta, which load_model honours)
+TINY_NEVER_SKIP = {"llama": [0, -1], "gemma3_text": [0]}
 TINY_MAX_SEQ = 24
 _ROOT = Path(tempfile.mkdtemp(prefix="firstkit-export-tests-"))
 
@@ -59,6 +61,7 @@ def tiny_folders(arch: str) -> tuple[Path, Path]:
     base = fm.unwrap_layers()
     base.save_pretrained(model_dir)
     byte_tokenizer().save_pretrained(model_dir)
+    fm.routers.meta.update({"threshold": 0.5, "never_skip": TINY_NEVER_SKIP[arch]})
     fm.routers.save_pretrained(router_dir)
     return model_dir, router_dir
 

@@ -25,9 +25,11 @@ def _run(args):
 def _assert_clean_error(res, needle: str):
     assert res.exit_code != 0
     assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
-    msg = res.output.strip().splitlines()
-    assert len(msg) == 1 and msg[0].startswith("Error:"), res.output
-    assert needle in msg[0], msg[0]
+    assert "Traceback" not in res.output
+    # the last line is click's one-line message (ExecuTorch may log its own native line before it)
+    msg = res.output.strip().splitlines()[-1]
+    assert msg.startswith("Error:"), res.output
+    assert needle in msg, msg
 
 
 @pytest.mark.parametrize("backend", ["executorch", "onnx"])
@@ -51,11 +53,11 @@ def test_backends_agree_and_skip_layers():
     et = load_bundle(bundle, backend="executorch")
     ox = load_bundle(bundle, backend="onnx")
     ids = list(range(30, 45))
-    for mask in ("auto", "all", "101"):
+    for mask in ("auto", "all", "10"):
         a = et.generate(ids, max_new_tokens=6, mask=mask, stop_at_eos=False)
         b = ox.generate(ids, max_new_tokens=6, mask=mask, stop_at_eos=False)
         assert a["tokens"] == b["tokens"] and a["mask"] == b["mask"]
-    assert a["mask"] == "101" and a["skip_ratio"] == pytest.approx(1 / 3)
+    assert a["mask"] == "10" and a["skip_ratio"] == pytest.approx(1 / 2)
 
 
 def test_onnx_decode_cross_cache_boundary_matches_eager():
