@@ -90,7 +90,7 @@ def jni_library() -> Path:
 def logic_tool(*args, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run org.firstkit.demo.logic.LogicTool (with the JNI library on java.library.path when built)."""
     cmd = ["java", "-cp", str(java_classes())]
-    if any(a in ("bench", "native-mask") for a in args[:1]):
+    if args[0] in ("bench", "native-mask", "decode", "stream"):
         cmd.append(f"-Djava.library.path={jni_library().parent}")
     res = subprocess.run([*cmd, "org.firstkit.demo.logic.LogicTool", *map(str, args)], capture_output=True,
                          text=True, timeout=timeout)
@@ -282,6 +282,24 @@ def test_headless_benchmark_equals_python_runtime(mask, tmp_path):
             assert r["mask"] == ("1111" if mask == "all" else mask)
     # the Java result validator accepts what the core wrote
     assert len(logic_tool("result", out).stdout.splitlines()) == 2
+
+
+def test_streamed_text_and_utf8_through_jni():
+    """The listener sees every token with the text so far; UTF-8 from the core crosses JNI intact."""
+    from transformers import AutoTokenizer
+
+    bundle = tiny_bundle()
+    hf = AutoTokenizer.from_pretrained(bundle / "tokenizer")
+    # byte-level ids: 2-byte, 4-byte (a surrogate pair in Java), and a cut character (U+FFFD, like HF)
+    for ids in ([72, 195, 169], [240, 159, 152, 128, 33], [104, 195], [195, 40]):
+        text = json.loads(logic_tool("decode", bundle, ",".join(map(str, ids))).stdout)
+        assert text == hf.decode(ids), ids
+    lines = logic_tool("stream", bundle, "72,101,108,108,111", 6, "all").stdout.splitlines()
+    events, result = [json.loads(x) for x in lines[:-1]], json.loads(lines[-1])
+    assert [e["index"] for e in events] == list(range(6)) and [e["token"] for e in events] == result["tokens"]
+    for k, e in enumerate(events):
+        assert e["text"] == hf.decode(result["tokens"][: k + 1])
+    assert events[-1]["text"] == result["text"] and result["mask"] == "1111"
 
 
 def test_prompt_encoding_on_device_equals_first_run():

@@ -32,7 +32,7 @@ class BenchmarkActivity : Activity() {
                 val ok = Benchmark.run(req) { line -> Log.i(TAG, "FIRSTKIT_RESULT $line") }
                 Log.i(TAG, "FIRSTKIT_DONE " + File(req.out + ".done").readText())
                 if (!ok) Log.e(TAG, "benchmark failed, see ${req.out}.done")
-            } catch (e: Exception) {
+            } catch (e: Throwable) {
                 // A bad request: still leave a status file where first-bench looks, when `out` is known.
                 Log.e(TAG, "FIRSTKIT_ERROR ${e.message}")
                 resolved["out"]?.let { File("$it.done").writeText(BenchmarkRequest.status(false, 0, e.message)) }

@@ -64,7 +64,6 @@ class MainActivity : Activity() {
         generate.setOnClickListener { if (running) stop.set(true) else runGeneration() }
     }
 
-    @Deprecated("platform API used without AndroidX")
     override fun onActivityResult(requestCode: Int, resultCode: Int, data: Intent?) {
         super.onActivityResult(requestCode, resultCode, data)
         val tree = data?.data
@@ -77,7 +76,7 @@ class MainActivity : Activity() {
                     bundlePath.setText(dir.name)
                     load(dir)
                 }
-            } catch (e: Exception) {
+            } catch (e: Throwable) {  // also UnsatisfiedLinkError: the message goes to the status line
                 main.post { showError(e) }
             }
         }
@@ -100,7 +99,7 @@ class MainActivity : Activity() {
                     generate.isEnabled = true
                     ab.text = ""
                 }
-            } catch (e: Exception) {
+            } catch (e: Throwable) {  // also UnsatisfiedLinkError: the message goes to the status line
                 main.post { showError(e) }
             }
         }
@@ -124,7 +123,7 @@ class MainActivity : Activity() {
                 }
                 if (isRouted) lastRouted = result else lastAll = result
                 main.post { showResult(result) }
-            } catch (e: Exception) {
+            } catch (e: Throwable) {  // also UnsatisfiedLinkError: the message goes to the status line
                 main.post { showError(e) }
             } finally {
                 main.post {
@@ -156,7 +155,7 @@ class MainActivity : Activity() {
         return lines.joinToString("\n")
     }
 
-    private fun showError(e: Exception) {
+    private fun showError(e: Throwable) {
         manifestStatus.setTextColor(getColor(R.color.error))
         manifestStatus.text = e.message ?: e.toString()
         generate.isEnabled = session != null

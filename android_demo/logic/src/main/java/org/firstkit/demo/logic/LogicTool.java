@@ -21,6 +21,8 @@ import java.util.Map;
  *   check-manifests FILE                    JSON array of manifest objects; prints null or the error of each
  *   mask SPEC NUM_LAYERS                    override vector for a mask spec (Java rules)
  *   native-mask SPEC NUM_LAYERS             the same through the JNI bridge (the core's rules)
+ *   decode BUNDLE_DIR IDS                   token ids to text with the core's detokenizer (through JNI)
+ *   stream BUNDLE_DIR IDS N [MASK]          generate with a token listener: one JSON line per token, then the result
  *   describe BITS                           the skipped-layers line the app shows
  *   result FILE                             validate run-result JSON lines
  *   bench KEY=VALUE ...                     run the headless benchmark logic (BenchmarkActivity's extras)
@@ -110,6 +112,31 @@ public final class LogicTool {
         System.out.println(v == null ? "null" : Json.write(v));
         return 0;
       }
+      case "decode":
+      case "stream": {
+        if (a.length < 3 || (a[0].equals("stream") && a.length < 4)) return usage();
+        System.loadLibrary("firstkit_jni");
+        long[] ids = BenchmarkRequest.parseIds(a[2]);
+        try (NativeRunner r = NativeRunner.load(a[1], 1, true)) {
+          if (a[0].equals("decode")) {
+            System.out.println(Json.write(r.decode(ids)));
+            return 0;
+          }
+          long[] override = a.length > 4 ? MaskFormat.parseSpec(a[4], BundleManifest.read(new File(a[1]), false)
+              .numLayers) : null;
+          String result = r.generate(ids, Integer.parseInt(a[3]), override, false, (tok, i, text) -> {
+            Map<String, Object> o = new LinkedHashMap<>();
+            o.put("token", tok);
+            o.put("index", (long) i);
+            o.put("text", text);
+            System.out.println(Json.write(o));
+            return true;
+          });
+          RunResult.parse(result);
+          System.out.println(result);
+        }
+        return 0;
+      }
       case "describe":
         if (a.length < 2) return usage();
         System.out.println(MaskFormat.describe(a[1]));
@@ -144,7 +171,7 @@ public final class LogicTool {
 
   private static int usage() {
     System.err.println("usage: LogicTool manifest DIR [--no-hashes] | encode TOKDIR TEXT [--raw] | encode-json TOKDIR FILE [--raw] | "
-        + "check-manifests FILE | mask SPEC N | "
+        + "check-manifests FILE | mask SPEC N | decode DIR IDS | stream DIR IDS N [MASK] | "
         + "native-mask SPEC N | describe BITS | result FILE | bench KEY=VALUE...");
     return 2;
   }
