@@ -489,3 +489,29 @@ def test_skipped_layers_view():
     assert logic_tool("describe", "1011").stdout.strip() == "█·██ — skipped 1/4 (layer 1)"
     line = logic_tool("describe", "1" + "0" * 3 + "11" + "0" * 2 + "1" * 4).stdout.strip()
     assert line == "█···██··██ ██ — skipped 5/12 (layers 1-3, 6-7)"
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_real_default_model_through_the_app_logic(tmp_path):
+    """SmolLM2-135M-Instruct with its shipped routers: the app's path (manifest check, chat-template encoding
+    in Java, the core through JNI) gives first-run's tokens, text and mask. FIRSTKIT_REAL_BUNDLE reuses a bundle."""
+    from click.testing import CliRunner
+
+    from firstkit.export.cli import main as export_main
+    from firstkit.runtime import load_bundle
+
+    bundle = os.environ.get("FIRSTKIT_REAL_BUNDLE")
+    if not bundle:
+        bundle = tmp_path / "smollm2"
+        res = CliRunner().invoke(export_main, ["--output", str(bundle), "--max-seq-len", "96"])
+        assert res.exit_code == 0, res.output
+    bundle = Path(bundle)
+    prompt = "What is the capital of France?"
+    out = tmp_path / "real.jsonl"
+    logic_tool("bench", f"bundle={bundle}", f"prompt={prompt}", "max_new_tokens=16", "threads=1", f"out={out}",
+               timeout=1200)
+    r = json.loads(out.read_text().splitlines()[0])
+    ref = load_bundle(bundle, threads=1).generate(prompt, max_new_tokens=16)
+    assert r["tokens"] == ref["tokens"] and r["text"] == ref["text"] and r["mask"] == ref["mask"]
+    assert r["prompt_tokens"] == ref["prompt_tokens"] and "Paris" in r["text"]
