@@ -218,3 +218,37 @@ def test_figure_is_drawn_by_its_script(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = CliRunner().invoke(cmd, ["--out", str(out), "--mask", "0101"])
     assert res.exit_code == 2 and "first and last" in res.output
+
+
+def _fenced_commands(text: str) -> list[str]:
+    """Every `first-*` command line inside any fenced code block (continuations joined)."""
+    cmds = []
+    for body in re.findall(r"```[\w-]*\n(.*?)```", text, re.S):
+        cur = None
+        for line in body.splitlines():
+            line = line.strip()
+            if cur is not None:
+                cur += " " + line
+            elif re.match(r"(\$ )?first-[a-z-]+\b", line):
+                cur = line.removeprefix("$ ")
+            else:
+                continue
+            if cur.endswith("\\"):
+                cur = cur[:-1].rstrip()
+            else:
+                cmds.append(cur.split(" #")[0])
+                cur = None
+    return cmds
+
+
+@pytest.mark.parametrize("page", OWN_PAGES)
+def test_flags_in_every_code_block_exist(page):
+    """Also the commands that are shown but not executed (devices, real hardware) use only real flags."""
+    helps: dict[str, str] = {}
+    for c in _fenced_commands((DOCS / page).read_text()):
+        name = c.split()[0]
+        if name not in console_scripts():
+            raise AssertionError(f"{page}: `{c}` names a command that does not exist")
+        helps.setdefault(name, _help_text(name))
+        for flag in re.findall(r"(?<!\S)(--[a-z][\w-]*)", c):
+            assert flag in helps[name], f"{page}: `{c}` uses {flag}, not in `{name} --help`"
