@@ -12,10 +12,17 @@ consumed in eager PyTorch), ``policies`` (baseline mask policies), ``firstkit.ex
 ExecuTorch/ONNX), ``firstkit.runtime`` (runs exported bundles), ``firstkit.device_bench`` (devices).
 """
 
-from firstkit.models import DEFAULT_MODEL, NAMED_MODELS, ModelLoadError, ModelNotFoundError, resolve_model
-from firstkit.policies import MaskPolicy, make_policy
-from firstkit.routed_model import FirstModel, RoutedCache, RoutedOutput, RoutingConfig, load_model
-from firstkit.router import RouterCheckpointError, RouterStack
+import logging
+
+# torchao (pulled in by transformers) warns at import about its CUDA-only kernels and torch about pytree
+# enum registration: noise on a CPU machine that every CLI would otherwise print.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+from firstkit.models import DEFAULT_MODEL, NAMED_MODELS, ModelLoadError, ModelNotFoundError, resolve_model  # noqa: E402
+from firstkit.policies import MaskPolicy, make_policy  # noqa: E402
+from firstkit.routed_model import FirstModel, RoutedCache, RoutedOutput, RoutingConfig, load_model  # noqa: E402
+from firstkit.router import RouterCheckpointError, RouterStack  # noqa: E402
 
 __version__ = "0.1.0"
 
