@@ -515,3 +515,34 @@ def test_real_default_model_through_the_app_logic(tmp_path):
     ref = load_bundle(bundle, threads=1).generate(prompt, max_new_tokens=16)
     assert r["tokens"] == ref["tokens"] and r["text"] == ref["text"] and r["mask"] == ref["mask"]
     assert r["prompt_tokens"] == ref["prompt_tokens"] and "Paris" in r["text"]
+
+
+@pytest.mark.slow
+def test_kotlin_sources_parse_and_use_the_logic_api_correctly():
+    """kotlinc (Debian `kotlin`) on the app's Kotlin with the logic classes on the classpath but no android.jar:
+    the only errors allowed are those caused by the missing Android classes, so there is no syntax error and
+    every use of the logic module and of the app's own classes type-checks."""
+    kotlinc = _need("kotlinc", "kotlin")
+    out = _ROOT / "kotlin-out"
+    sources = sorted(str(p) for p in (APP / "java").rglob("*.kt"))
+    res = subprocess.run([kotlinc, "-cp", str(java_classes()), *sources, "-d", str(out)], capture_output=True,
+                         text=True, timeout=600)
+    errors = [line.split("error: ", 1)[1] for line in res.stderr.splitlines() if " error: " in line]
+    for e in errors:
+        allowed = (e.startswith("unresolved reference: ") or e.endswith("overrides nothing")
+                   or e.startswith("cannot infer a type for this parameter"))
+        assert allowed, f"Kotlin error not explained by the missing android.jar: {e}"
+        name = e.removeprefix("unresolved reference: ")
+        if e.startswith("unresolved reference: "):
+            assert name in ANDROID_NAMES, f"Kotlin refers to {name!r}: not in the logic module nor a known Android name"
+    assert "R" in {e.removeprefix("unresolved reference: ") for e in errors}  # kotlinc really ran on the app
+
+
+# Android SDK names the Kotlin sources use (unresolvable without android.jar). A new one must be added here
+# deliberately, so a typo in a call to the logic module cannot hide among them.
+ANDROID_NAMES = {
+    "R", "android", "findViewById", "DocumentsContract", "TextView", "Log", "Context", "Uri", "Intent", "EditText",
+    "Button", "onCreate", "getColor", "ContentResolver", "Bundle", "Activity", "startActivityForResult",
+    "setContentView", "runOnUiThread", "onDestroy", "onActivityResult", "it", "intent", "getString",
+    "getExternalFilesDir", "finish", "filesDir", "Switch", "RESULT_OK", "Looper", "Handler",
+}

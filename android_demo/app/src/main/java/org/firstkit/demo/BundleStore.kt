@@ -55,7 +55,7 @@ object BundleStore {
         val cols = arrayOf(
             DocumentsContract.Document.COLUMN_DOCUMENT_ID,
             DocumentsContract.Document.COLUMN_DISPLAY_NAME,
-            DocumentsContract.Document.COLUMN_MIME_TYPE,
+            DocumentsContract.Document.COLUMN_MIME_TYPE
         )
         resolver.query(children, cols, null, null, null)?.use { c ->
             while (c.moveToNext()) {

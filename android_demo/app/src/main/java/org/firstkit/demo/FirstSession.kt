@@ -17,7 +17,7 @@ class FirstSession private constructor(
     val manifest: BundleManifest,
     private val runner: NativeRunner,
     private val tokenizer: BpeTokenizer?,
-    private val format: PromptFormat,
+    private val format: PromptFormat
 ) : AutoCloseable {
 
     companion object {
