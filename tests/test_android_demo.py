@@ -222,6 +222,16 @@ def test_gradle_project_is_conventional():
 # JNI bridge on Linux, against the same core
 # ---------------------------------------------------------------------------------------------------------------
 
+def test_bridge_compiles_warning_free_against_real_jni_h():
+    """The bridge needs only jni.h and the core's header; NDK clang builds with warnings on, so keep it clean."""
+    home = _java_home()
+    cxx = _need("g++", "g++")
+    res = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Wpedantic", "-Werror",
+                          f"-I{home / 'include'}", f"-I{home / 'include' / 'linux'}", f"-I{CORE}",
+                          str(APP / "cpp" / "first_jni.cpp")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+
+
 def test_jni_symbols_match_the_java_natives():
     lib = jni_library()
     syms = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
