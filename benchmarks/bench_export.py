@@ -4,8 +4,9 @@ Measured in one run, on one machine, with a fixed thread count:
 
 * decode tokens/s of the same bundle with a skipping mask vs all layers, and the ratio to the ideal
   ``L / L_active`` (goal: >= 0.9 x ideal);
-* router overhead as % of prefill: the routers' own work (RMS-norm pooling + MLP for every layer, timed
-  in eager PyTorch on the prompt's real hidden-state shape) over the bundle's prefill time;
+* router overhead as % of prefill: the routers' own work (RMS-norm pooling + MLP for every layer, lowered
+  to XNNPACK and timed in the ExecuTorch runtime on the prompt's hidden-state shape) over the bundle's
+  prefill time;
 * export time and bundle sizes (8da4w vs fp32) from the bundles' manifests;
 * optional peers on the same prompt and threads: llama.cpp (``--gguf``, needs ``llama-cpp-python``) and
   a stock single-method ExecuTorch LLM ``.pte`` (``--stock-pte``, e.g. from optimum-executorch, which
@@ -50,20 +51,43 @@ def decode_tok_s(runner, ids: list[int], mask: str, steps: int) -> tuple[float, 
     return 1000.0 / med, res["prefill_ms"], res["mask"]
 
 
-def router_overhead_ms(hidden: int, n_layers: int, router_dim: int, prompt_len: int, reps: int = 50) -> float:
-    """Eager time of all routers' work for one prompt (pool + MLP per layer), median over ``reps``."""
+def router_overhead_ms(hidden: int, n_layers: int, router_dim: int, prompt_len: int, reps: int = 50,
+                       threads: int = 2) -> float:
+    """Time of all routers' work for one prompt (pool + MLP per layer) as an XNNPACK-lowered ExecuTorch
+    program, the way it runs inside ``prefill``; median over ``reps``."""
+    import tempfile
+
     import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from executorch.runtime import Runtime
 
     from firstkit.router import RouterStack, pool_prompt
+    from firstkit.runtime.backends import set_executorch_threads
 
-    stack = RouterStack(n_layers, hidden, router_dim).eval()
+    class AllRouters(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stack = RouterStack(n_layers, hidden, router_dim).eval()
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            # each router pools its own input (here the same tensor shifted, so nothing is shared)
+            return torch.stack([self.stack.routers[i](pool_prompt(h + i)) for i in range(n_layers)])
+
     h = torch.randn(1, prompt_len, hidden)
-    times = []
-    with torch.no_grad():
+    ep = torch.export.export(AllRouters(), (h,), strict=False)
+    prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
+                                       compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch()
+    with tempfile.NamedTemporaryFile(suffix=".pte") as f:
+        f.write(prog.buffer)
+        f.flush()
+        set_executorch_threads(threads)
+        method = Runtime.get().load_program(f.name).load_method("forward")
+        method.execute([h])
+        times = []
         for _ in range(reps):
             t = time.perf_counter()
-            for i in range(n_layers):
-                stack.routers[i](pool_prompt(h))
+            method.execute([h])
             times.append((time.perf_counter() - t) * 1000.0)
     return statistics.median(times)
 
@@ -195,7 +219,7 @@ def main(bundle: Path, fp32_bundle: Path | None, backend: str, threads: int, ste
     ideal = n / active
     routing = m["routing"]
     router_dim = routing.get("router_dim", 64)
-    r_ms = router_overhead_ms(m["model"]["hidden_size"], n, router_dim, len(ids))
+    r_ms = router_overhead_ms(m["model"]["hidden_size"], n, router_dim, len(ids), threads=threads)
     prefill_ms = statistics.median(prefill_all)
     result = {
         "bundle": str(bundle), "backend": backend, "threads": threads, "quantization": m["quantization"]["scheme"],
@@ -205,7 +229,8 @@ def main(bundle: Path, fp32_bundle: Path | None, backend: str, threads: int, ste
         "speedup": tps_skip / tps_all, "ideal_speedup": ideal, "fraction_of_ideal": (tps_skip / tps_all) / ideal,
         "runs_all": all_runs, "runs_masked": skip_runs,
         "prefill_ms": prefill_ms, "router_ms": r_ms, "router_overhead_pct_of_prefill": 100.0 * r_ms / prefill_ms,
-        "router_source": "routers of the bundle's shape timed in eager PyTorch on the prompt length"
+        "router_source": "routers of the bundle's shape (pool + MLP x L) lowered to XNNPACK, timed in the ExecuTorch "
+                         "runtime on the prompt length"
                          + ("" if routing["policy"] == "routers" else " (bundle has no routers: default shape)"),
         "peak_rss_mb": runner.generate(ids, max_new_tokens=2, mask="all")["peak_rss_mb"],
         "size_mb": bundle_size(bundle) / 1e6,
