@@ -74,7 +74,7 @@ def draw(mask: str, out: Path) -> None:
             arrow(b, 2.5, prev, 2.5, y)
             prev = y + 0.6
         else:
-            b.text(2.5, y + 0.3, f"layer_{i} not called, no KV", ha="center", va="center", fontsize=8,
+            b.text(2.7, y + 0.3, f"layer_{i} not called, no KV", ha="left", va="center", fontsize=8,
                    color="#90a4ae", style="italic")
     box(b, 1.0, top - 0.2, 3.0, 0.6, OTHER, "head(h) → next token")
     arrow(b, 2.5, prev, 2.5, top - 0.2)
