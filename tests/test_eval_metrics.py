@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+
 from firstkit.evaluation import metrics
 from firstkit.evaluation.data import load_dataset, read_jsonl, split_of
 from firstkit.evaluation.tasks import TASKS, task_from_file

@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+
 from firstkit.routed_model import FirstModel
 from firstkit.router import RouterCheckpointError, RouterStack
 from firstkit.testing import tiny_base_model, tiny_model
