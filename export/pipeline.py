@@ -78,7 +78,14 @@ def load_first_model(model: str, routers: str | None):
     """Step 1: the eager router-augmented model (the reference for verification)."""
     import firstkit
 
-    return firstkit.load_model(model, routers=routers)
+    fm = firstkit.load_model(model, routers=routers)
+    if routers is not None:
+        from firstkit.training.lora import apply_lora, has_lora
+
+        if has_lora(routers):  # routers trained jointly with a LoRA adapter: merge it into the base first
+            apply_lora(fm, routers)
+            fm.info.extra["lora_merged_from"] = str(routers)
+    return fm
 
 
 def build_core(first_model, scheme: str, max_seq_len: int, group_size: int = 32) -> tuple[ExportCore, dict]:
@@ -160,6 +167,9 @@ def build_manifest(first_model, core: ExportCore, qinfo: dict, policy: str, rout
         "protected_layers": first_model.protected_layers(),
         "routers_path": routers_path,
     }
+    lora = getattr(getattr(first_model, "info", None), "extra", {}).get("lora_merged_from")
+    if lora:
+        routing["lora_merged_from"] = lora
     if first_model.routers is not None:
         routing["router_dim"] = first_model.routers.router_dim
         routing["router_meta"] = first_model.routers.meta
