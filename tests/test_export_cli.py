@@ -3,35 +3,33 @@
 from __future__ import annotations
 
 from click.testing import CliRunner
-from test_export_support import tiny_folders
+from test_export_support import copy_bundle, tiny_folders
 
 from firstkit.export.cli import main as export_main
+from firstkit.runtime import read_manifest
 
 
 def _invoke(args):
     return CliRunner().invoke(export_main, [str(a) for a in args])
 
 
-def test_failed_verification_leaves_no_bundle(tmp_path):
+def test_failed_export_keeps_old_bundle_then_replace(tmp_path):
     model_dir, router_dir = tiny_folders("llama")
-    out = tmp_path / "bundle"
+    out = copy_bundle("llama", tmp_path / "bundle")
+    before = read_manifest(out)
+    args = ["--model", model_dir, "--routers", router_dir, "--backend", "onnx", "--max-seq-len", 16, "--output", out]
     # fp32 ONNX differs from eager by ~1e-7: a zero tolerance is a real verification failure
-    res = _invoke(["--model", model_dir, "--routers", router_dir, "--backend", "onnx", "--max-seq-len", 16,
-                   "--output", out, "--atol", 0.0])
+    res = _invoke([*args, "--atol", 0.0])
     assert res.exit_code == 1
     assert "verification failed" in res.output and "no bundle written" in res.output
-    assert not out.exists()
-    assert list(tmp_path.iterdir()) == []  # no temp dir left either
-
-
-def test_onnx_export_and_replace_existing_bundle(tmp_path):
-    model_dir, router_dir = tiny_folders("llama")
-    out = tmp_path / "bundle"
-    for _ in range(2):  # the second export atomically replaces the first bundle
-        res = _invoke(["--model", model_dir, "--routers", router_dir, "--backend", "onnx", "--max-seq-len", 16,
-                       "--output", out, "--json"])
-        assert res.exit_code == 0, res.output
+    assert read_manifest(out) == before  # the existing bundle is untouched (hashes still verify)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temp dir left behind
+    # a passing export replaces it atomically
+    res = _invoke([*args, "--json"])
+    assert res.exit_code == 0, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    after = read_manifest(out)
+    assert set(after["backends"]) == {"onnx"} and after["max_seq_len"] == 16
     assert (out / "onnx" / "decode.onnx").is_file() and not (out / "model.pte").exists()
 
 
