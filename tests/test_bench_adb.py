@@ -197,3 +197,15 @@ def test_two_devices_one_failing(device):
     rows = run_json(r.stdout)
     assert {row["device"] for row in rows} == {good.serial} and len(rows) == 2
     assert _leftovers(good) == [] and _leftovers(bad) == []
+
+
+def test_all_devices_discovers_connected_devices(device):
+    d = device("all")
+    Adb().connect(d.serial)
+    out = tmpdir("alldev") / "res.jsonl"
+    r = CliRunner().invoke(main, [str(tiny_bundle()), "--all-devices", "--runs", "1", "--warmup", "0", "--masks",
+                                  "all", "--prompt-lengths", "4", "--max-new-tokens", "3", "--out", str(out),
+                                  "--no-plots", "--json"])
+    assert r.exit_code == 0, r.output
+    assert d.serial in {row["device"] for row in run_json(r.stdout)}
+    assert any(rec["device"] == d.serial and rec["device_model"] == d.model for rec in read_jsonl(out))
