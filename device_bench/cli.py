@@ -85,7 +85,7 @@ def _clean(v):
 @click.option("--plots/--no-plots", default=True, show_default=True,
               help="Write <out>_decode.png and <out>_prefill.png.")
 @click.option("--reference/--no-reference", default=True, show_default=True,
-              help="Compare tokens with the Python ExecuTorch runtime on the host (tokens_match).")
+              help="Compare tokens with first-run's Python runtime on the host (tokens_match).")
 @click.option("--device-dir", default=None, help="Folder on the device [/data/local/tmp/firstkit or $TMPDIR/firstkit].")
 @click.option("--runner-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Use this packaged runner (e.g. an Android NDK build) instead of building one.")
