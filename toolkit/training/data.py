@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from firstkit.evaluation.tasks import get_task
 
 __all__ = ["Example", "DEFAULT_TRAIN_TASKS", "encode_pair", "build_examples", "collate"]

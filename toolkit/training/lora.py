@@ -14,10 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from firstkit.routed_model import FirstModel, RoutedDecoderLayer
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
+
+from firstkit.routed_model import FirstModel, RoutedDecoderLayer
 
 __all__ = ["LORA_DIR", "LORA_TARGETS", "add_lora", "save_lora", "apply_lora", "merge_lora", "has_lora"]
 
