@@ -48,3 +48,21 @@ def test_bad_arguments(tmp_path):
     res = _invoke(["--model", model_dir, "--backend", "tflite"])
     assert res.exit_code == 2 and "tflite" in res.output
     assert not (tmp_path / "b").exists()
+
+
+def test_summary_table_reports_files_verification_and_time():
+    from pathlib import Path
+
+    from test_export_support import tiny_bundle
+
+    from firstkit.export.cli import summary_table
+    from firstkit.export.pipeline import ExportResult
+
+    bundle, js = tiny_bundle("llama")
+    res = ExportResult(output=Path(js["output"]), manifest=js["manifest"], timings=js["timings"],
+                       verification=js["verification"])
+    table = summary_table(res)
+    assert str(bundle) in table and "model.pte" in table and "onnx/decode.onnx" in table and "tokenizer/" in table
+    assert table.count("PASS") == 2 and "executorch" in table and "onnx" in table
+    assert "mask policy: routers from" in table
+    assert "executorch_lower" in table and "onnx_export" in table
