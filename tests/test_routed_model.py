@@ -223,3 +223,17 @@ def test_never_skip_policy_is_configurable():
         model.mask_tensor([1, 0, 1, 1, 1, 1])
     with pytest.raises(ValueError, match="out of range"):
         FirstModel(tiny_base_model("llama"), routing=RoutingConfig(never_skip=(7,)))
+
+
+def test_prompt_mask_pools_over_the_prompt_only():
+    """Deciding on prompt + answer with ``prompt_mask`` = deciding on the prompt alone (causal attention)."""
+    model = tiny_model("llama", num_layers=8, seed=11)
+    prompt, answer = _prompt(9, seed=4), _prompt(6, seed=5)
+    full = torch.cat([prompt, answer], dim=1)
+    prompt_mask = torch.zeros_like(full)
+    prompt_mask[:, :9] = 1
+    with torch.no_grad():
+        out = model.forward(full, prompt_mask=prompt_mask)
+        unpooled = model.forward(full)
+    assert out.mask[0].tolist() == model.decide_mask(prompt)
+    assert unpooled.mask[0].tolist() != out.mask[0].tolist(), "pooling the answer too should change something"

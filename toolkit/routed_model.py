@@ -235,12 +235,14 @@ class FirstModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 mask: MaskLike | None = None, cache: DynamicCache | None = None, soft_gates: bool = False,
                 position_ids: torch.Tensor | None = None, override: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> RoutedOutput:
+                logits_to_keep: int = 0, prompt_mask: torch.Tensor | None = None) -> RoutedOutput:
         """One pass of the base model with routing.
 
         ``mask`` given: frozen mask (decode, or a caller's explicit choice). ``mask`` None: the routers
         decide layer by layer (prefill); without routers every layer runs. ``override`` ([B, L] int,
-        -1 = router decides) forces some decisions while the routers decide the rest.
+        -1 = router decides) forces some decisions while the routers decide the rest. ``prompt_mask``
+        ([B, T], default ``attention_mask``): the tokens the routers pool over, e.g. only the prompt of a
+        prompt + answer sequence (causal attention makes that equal to deciding on the prompt alone).
         """
         ids = self.as_input_ids(input_ids)
         batch, length = ids.shape
@@ -252,7 +254,7 @@ class FirstModel(nn.Module):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         if soft_gates and self.routers is None:
             raise ValueError("soft_gates=True needs routers")
-        state = _Routing(prompt_mask=attention_mask)
+        state = _Routing(prompt_mask=attention_mask if prompt_mask is None else prompt_mask.to(ids.device))
         self._claim_layers()
         if mask is not None:
             state.mask = self.mask_tensor(mask, batch)

@@ -99,15 +99,12 @@ def _scored_forward(system: System, ids: torch.Tensor, attn: torch.Tensor, promp
     With routers this is one pass: the routers pool over the prompt positions only, which (causal
     attention) equals deciding on a prompt-only prefill and then scoring with the frozen mask.
     """
-    from firstkit.training.trainer import prompt_pooling
-
     model = system.model
     ids, attn = ids.to(model.device), attn.to(model.device)
     if system.policy is None and model.routers is not None:
         prompt_mask = torch.zeros_like(attn)
         prompt_mask[:, :prompt_len] = 1
-        with prompt_pooling(model.routers, prompt_mask):
-            out = model.forward(ids, attention_mask=attn)
+        out = model.forward(ids, attention_mask=attn, prompt_mask=prompt_mask)
         return out.logits.float(), out.mask[0].cpu()
     mask = system.mask(ids[:1, :prompt_len])[0]
     return model.forward(ids, attention_mask=attn, mask=mask.to(model.device)).logits.float(), mask

@@ -22,7 +22,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,12 +29,12 @@ import torch
 from tqdm.auto import tqdm
 
 from firstkit.routed_model import FirstModel, RoutingConfig
-from firstkit.router import ROUTER_CONFIG, RouterStack, pool_prompt
+from firstkit.router import ROUTER_CONFIG, RouterStack
 from firstkit.training.data import Example, collate
 from firstkit.training.lora import LORA_DIR, add_lora, save_lora
 
 __all__ = ["TrainConfig", "TrainResult", "train", "measure_skip", "calibrate_threshold", "init_routers",
-           "training_loss", "prompt_pooling"]
+           "training_loss"]
 
 STATE_DIR = "trainer_state"
 
@@ -174,24 +173,6 @@ def init_routers(model: FirstModel, cfg: TrainConfig, calibration: Sequence[Sequ
     return stack.to(model.device)
 
 
-@contextmanager
-def prompt_pooling(routers: RouterStack, prompt_mask: torch.Tensor):
-    """Make the routers pool over ``prompt_mask`` (the prompt tokens) instead of the attention mask.
-
-    In training the sequence holds prompt + target; at inference the routers see the prompt only.
-    Hidden states at prompt positions do not depend on later tokens (causal attention), so pooling the
-    prompt positions of the full sequence equals pooling a prompt-only prefill.
-    """
-    def logit(index: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return routers.routers[index](pool_prompt(hidden, prompt_mask))
-
-    routers.logit = logit  # instance attribute shadows the method
-    try:
-        yield
-    finally:
-        del routers.logit
-
-
 def _routable(model: FirstModel) -> torch.Tensor:
     keep = torch.ones(model.num_layers, dtype=torch.bool)
     for i in model.protected_layers():
@@ -206,10 +187,9 @@ def training_loss(model: FirstModel, batch: dict[str, torch.Tensor], cfg: TrainC
     ``wrapped``: the accelerate-prepared model (DDP under several processes) to call instead of
     ``model`` so gradients synchronise; ``model`` is the unwrapped ``FirstModel``.
     """
-    routers = model.routers
     fwd = wrapped if wrapped is not None else model
-    with prompt_pooling(routers, batch["prompt_mask"]):
-        out = fwd(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], soft_gates=True)
+    out = fwd(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], soft_gates=True,
+              prompt_mask=batch["prompt_mask"])
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
