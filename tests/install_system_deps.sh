@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # System packages the test suite needs on Debian/Ubuntu: the real adb client (device_bench talks to a
 # loopback test device), the aarch64 cross toolchain and qemu-user (the edge-board runner build is run
-# under emulation), and a JDK (jni.h for the Android JNI bridge compiled on Linux; javac for its pure logic).
+# under emulation), a JDK (jni.h for the Android JNI bridge compiled on Linux; javac for its pure logic),
+# and aapt with the framework resources (the Android manifest and resources are packaged to check them).
 set -euo pipefail
-pkgs=(adb g++-aarch64-linux-gnu qemu-user-static openjdk-17-jdk-headless aapt)
+pkgs=(adb binutils g++-aarch64-linux-gnu qemu-user-static openjdk-17-jdk-headless aapt android-framework-res)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
