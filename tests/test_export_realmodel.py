@@ -1,7 +1,7 @@
 """The real default model (SmolLM2-135M-Instruct) exported and run end to end.
 
-The ExecuTorch export of the 30-layer model takes ~11 minutes on 2 shared cores, so it is marked slow
-(run with ``pytest -m slow tests/test_export_realmodel.py``).
+Issue 4 asks for one CI test that exports the real default model and runs it: this is it, in the default
+run (the ExecuTorch fp32 export with the shipped routers took 7.7 min on 2 otherwise idle cores).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import pytest
 from click.testing import CliRunner
 
 
-@pytest.mark.slow
 @pytest.mark.realmodel
 def test_real_default_model_executorch_fp32(tmp_path):
     from firstkit.export.cli import main as export_main
