@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -16,6 +15,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from firstkit.hashing import sha256_file
 
 from .adb import Adb, AdbError, quote_cmd
 from .build_runner import BuildError, RunnerPackage, build, host_target, target_for_abi
@@ -38,14 +39,6 @@ class Bundle:
     pte: str
     num_layers: int | None
     protected: list[int] = field(default_factory=list)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _listed(manifest: dict) -> list[tuple[str, str | None, int | None]]:
@@ -104,7 +97,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
             continue
         if size is not None and fp.stat().st_size != int(size):
             raise BenchError(f"bundle file {name} has {fp.stat().st_size} bytes, manifest says {size}")
-        if sha and _sha256(fp) != sha:
+        if sha and sha256_file(fp) != sha:
             raise BenchError(f"bundle file {name} does not match its sha256 in the manifest (corrupted?)")
     files = ["manifest.json", pte]
     tok = p / "tokenizer"
@@ -118,7 +111,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
             break
     routing = manifest.get("routing") if isinstance(manifest.get("routing"), dict) else {}
     protected = [int(i) for i in routing.get("protected_layers") or [] if isinstance(i, int)]
-    return Bundle(p.resolve(), manifest, _sha256(mp), files, pte, nl, protected)
+    return Bundle(p.resolve(), manifest, sha256_file(mp), files, pte, nl, protected)
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -298,7 +291,7 @@ class AdbTarget(Target):
 
     def _sync(self, local_root: Path, rel: list[str], remote_root: str, log: Callable[[str], None]) -> int:
         """Push the files whose sha256 differs on the device; verify after pushing. Returns files pushed."""
-        want = {f"{remote_root}/{r}": _sha256(local_root / r) for r in rel}
+        want = {f"{remote_root}/{r}": sha256_file(local_root / r) for r in rel}
         have = self._remote_hashes(list(want))
         todo = [(r, f"{remote_root}/{r}") for r in rel if have.get(f"{remote_root}/{r}") != want[f"{remote_root}/{r}"]]
         for r, remote in todo:

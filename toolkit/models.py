@@ -22,6 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from firstkit.architectures import adapter_for
+from firstkit.hashing import sha256_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -88,14 +89,6 @@ class ModelInfo:
 def cache_dir() -> Path:
     """Root of firstkit's cache (``$FIRSTKIT_CACHE`` or ``~/.cache/firstkit``)."""
     return Path(os.environ.get("FIRSTKIT_CACHE", Path.home() / ".cache" / "firstkit"))
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_sha256(model: PreTrainedModel) -> str:

@@ -8,7 +8,6 @@ buffers (``share_mutable_buffers=True``), XNNPACK-lowered.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from firstkit.hashing import sha256_file
 
 
 def _rms(h: torch.Tensor) -> torch.Tensor:
@@ -136,14 +137,6 @@ class _Head(nn.Module):
         return self.model.head(hidden)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_toy_bundle(out_dir: str | os.PathLike, num_layers: int = 4, hidden: int = 32, vocab: int = 97,
                      max_seq_len: int = 64, seed: int = 0, eos_id: int = 96, xnnpack: bool = True) -> Path:
     """Export the toy decoder as a bundle directory (written atomically) and return its path."""
@@ -192,7 +185,7 @@ def build_toy_bundle(out_dir: str | os.PathLike, num_layers: int = 4, hidden: in
                         "protected_layers": [0, num_layers - 1]},
             "max_seq_len": max_seq_len,
             "backends": {"executorch": {"file": "model.pte", "methods": list(progs)}},
-            "files": {"model.pte": {"sha256": _sha256(tmp / "model.pte"),
+            "files": {"model.pte": {"sha256": sha256_file(tmp / "model.pte"),
                                     "size": (tmp / "model.pte").stat().st_size}},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

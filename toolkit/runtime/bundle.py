@@ -5,10 +5,11 @@ The full format is documented in docs/bundle_format.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
+
+from firstkit.hashing import sha256_file
 
 BUNDLE_FORMAT = "firstkit-bundle"
 FORMAT_VERSION = 1
@@ -26,15 +27,6 @@ REQUIRED_MODEL_KEYS = ("id", "sha256", "architecture", "num_layers", "hidden_siz
 
 class BundleError(ValueError):
     """A bundle is missing, malformed, corrupt, or does not match its manifest."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_table(root: str | os.PathLike) -> dict[str, dict]:
