@@ -26,13 +26,23 @@ def test_real_default_model_executorch_fp32(tmp_path):
     assert m["model"]["num_layers"] == 30 and m["model"]["architecture"] == "llama"
     v = js["verification"]["executorch"]
     assert v["passed"] and v["greedy_tokens_equal"] == v["cases_total"] and v["max_abs_logit_diff"] <= 1e-3
+    # all layers: the exported model answers like the base model
     res = CliRunner().invoke(run_main, [str(out), "--prompt", "What is the capital of France?",
-                                        "--max-new-tokens", "12", "--json"])
+                                        "--max-new-tokens", "12", "--mask", "all", "--json"])
     assert res.exit_code == 0, res.output
     run = json.loads(res.stdout.strip().splitlines()[-1])
-    assert "Paris" in run["text"]
-    # a skipping mask decodes through fewer layer methods and still produces text
+    assert "Paris" in run["text"] and run["skip_ratio"] == 0
+    # routers on (the default): the prefill graph decides the same mask as eager, decode skips those layers
     runner = load_bundle(out)
+    r = runner.generate("What is the capital of France?", max_new_tokens=8, mask="auto")
+    import firstkit
+    from firstkit.routers import default_routers_path
+
+    eager = firstkit.load_model("smollm2-135m-instruct", routers=default_routers_path("smollm2-135m-instruct"))
+    decided = eager.decide_mask(eager.encode_chat("What is the capital of France?"))
+    expected = "".join("1" if b else "0" for b in decided)
+    assert r["mask"] == expected and r["tokens"]
+    # an explicit skipping mask decodes through fewer layer methods and still produces tokens
     mask = "1" * 10 + "0" + "1" * 9 + "0" + "1" * 9
     r = runner.generate("What is the capital of France?", max_new_tokens=8, mask=mask)
     assert r["mask"] == mask and r["skip_ratio"] == pytest.approx(2 / 30) and r["tokens"]
