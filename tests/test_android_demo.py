@@ -27,6 +27,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from test_bench_support import bundle_copy, tiny_bundle  # one shared tiny bundle and its copies
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "android_demo"
@@ -97,23 +98,6 @@ def logic_tool(*args, check: bool = True, timeout: int = 300) -> subprocess.Comp
     if check:
         assert res.returncode == 0, res.stderr
     return res
-
-
-@functools.cache
-def tiny_bundle() -> Path:
-    """The tiny Llama bundle written by the real first-export (shared with the export/bench tests)."""
-    from test_export_support import tiny_bundle as export_tiny
-
-    path, _ = export_tiny("llama")
-    return path
-
-
-def bundle_copy(name: str) -> Path:
-    dest = _ROOT / name
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(tiny_bundle(), dest)
-    return dest
 
 
 # ---------------------------------------------------------------------------------------------------------------
