@@ -174,3 +174,48 @@ def test_loo_warm_start_begins_at_budget_with_least_important_layers():
     assert skip == pytest.approx(2 / 6)  # round(0.34 * 6) = 2 layers skipped from step 0
     skipped = sorted(i for i, u in enumerate(usage) if u < 0.5)
     assert skipped == sorted(sorted(range(1, 5), key=lambda i: imp[i])[:2])
+
+
+def test_distillation_teacher_is_the_all_layers_base_without_lora():
+    from firstkit.training.lora import adapters_disabled, add_lora
+    from firstkit.training.trainer import distill_loss, teacher_logits
+
+    torch.manual_seed(0)
+    model = _fresh(4)
+    model.routers = RouterStack(4, model.config.hidden_size, router_dim=8)
+    batch = collate(_examples(3), pad_id=0)
+    plain = model.forward(batch["input_ids"], attention_mask=batch["attention_mask"], mask=[True] * 4).logits
+    add_lora(model, rank=4)
+    for n, p in model.base.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)  # make the adapter change the output
+    with_lora = model.forward(batch["input_ids"], attention_mask=batch["attention_mask"], mask=[True] * 4).logits
+    assert (with_lora - plain).abs().max() > 1e-3
+    teacher = teacher_logits(model, batch)
+    torch.testing.assert_close(teacher, plain.float(), atol=1e-5, rtol=1e-5)
+    # adapters are back on (and trainable) after the teacher pass
+    again = model.forward(batch["input_ids"], attention_mask=batch["attention_mask"], mask=[True] * 4).logits
+    torch.testing.assert_close(again, with_lora)
+    assert all(p.requires_grad for n, p in model.base.named_parameters() if "lora_" in n)
+    with adapters_disabled(model):
+        assert distill_loss(model.forward(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                          mask=[True] * 4).logits, teacher, batch["attention_mask"]) < 1e-6
+    assert distill_loss(with_lora, teacher, batch["attention_mask"]) > 1e-3
+
+
+def test_distill_and_soft_budget_parts_in_the_loss():
+    model = _fresh(6)
+    model.routers = RouterStack(6, model.config.hidden_size, router_dim=8, init_bias=0.0)
+    batch = collate(_examples(4), pad_id=0)
+    cfg = TrainConfig(skip_budget=0.3, distill=1.0, budget_on="soft")
+    loss, parts = training_loss(model, batch, cfg)
+    assert {"ce", "kd", "skip", "expected_skip", "used", "loss"} <= set(parts)
+    # bias 0 and tiny weights: every routable layer has p ~= 0.5, so the expected skip is ~ 4 * 0.5 / 6
+    assert parts["expected_skip"] == pytest.approx(4 * 0.5 / 6, abs=0.05)
+    loss.backward()
+    assert model.routers.routers[1].out.bias.grad is not None
+    cfg_ce = TrainConfig(skip_budget=0.3, distill=0.0)
+    _, parts_ce = training_loss(model, batch, cfg_ce)
+    assert "kd" not in parts_ce
+    with pytest.raises(ValueError, match="budget-on"):
+        TrainConfig(budget_on="sometimes").validate()

@@ -35,6 +35,10 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
               help="Weight of the mean fraction of layers used (FiRST penalty).")
 @click.option("--budget-weight", type=float, default=20.0, show_default=True,
               help="Weight of (skip ratio - budget)^2.")
+@click.option("--distill", type=float, default=1.0, show_default=True,
+              help="Weight of the KL to the all-layers base model on every position (0 = answer CE only).")
+@click.option("--budget-on", type=click.Choice(["soft", "hard"]), default="soft", show_default=True,
+              help="Budget term on the expected (soft) or straight-through (hard) skip ratio.")
 @click.option("--router-dim", type=int, default=32, show_default=True)
 @click.option("--init-bias", type=float, default=0.3, show_default=True,
               help="Initial router logit (> 0: every layer runs at step 0).")
@@ -53,7 +57,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(model_source: str, out_dir: str, skip_budget: float, steps: int, lora_steps: int, batch_size: int,
          max_len: int, tasks: str | None, per_task: int, val_prompts: int, data_dir: str | None, lr: float,
-         lora_lr: float, lora_rank: int, lambda_used: float, budget_weight: float, router_dim: int,
+         lora_lr: float, lora_rank: int, lambda_used: float, budget_weight: float, distill: float, budget_on: str,
+         router_dim: int,
          init_bias: float, warm_start: str, bias_spread: float, calibrate: bool, save_every: int, resume: bool,
          seed: int, threads: int | None,
          as_json: bool, quiet: bool) -> None:
@@ -71,6 +76,7 @@ def main(model_source: str, out_dir: str, skip_budget: float, steps: int, lora_s
         raise click.UsageError("--max-len must be >= 16")
     cfg = TrainConfig(skip_budget=skip_budget, steps=steps, lora_steps=lora_steps, batch_size=batch_size, lr=lr,
                       lora_lr=lora_lr, lora_rank=lora_rank, lambda_used=lambda_used, budget_weight=budget_weight,
+                      distill=distill, budget_on=budget_on,
                       router_dim=router_dim, init_bias=init_bias, warm_start=warm_start,
                       bias_spread=bias_spread, calibrate=calibrate, seed=seed,
                       save_every=save_every)

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from firstkit.routed_model import FirstModel, RoutedDecoderLayer
 
-__all__ = ["LORA_DIR", "LORA_TARGETS", "add_lora", "save_lora", "apply_lora", "merge_lora", "has_lora"]
+__all__ = ["LORA_DIR", "LORA_TARGETS", "add_lora", "save_lora", "apply_lora", "merge_lora", "has_lora",
+           "adapters_disabled"]
 
 LORA_DIR = "lora"
 LORA_WEIGHTS = "adapter_model.safetensors"
@@ -41,6 +42,19 @@ def unwrapped(model: FirstModel):
     finally:
         for i, m in enumerate(wrapped):
             layers[i] = m
+
+
+@contextmanager
+def adapters_disabled(model: FirstModel):
+    """Run ``model`` as the plain base for the duration (LoRA layers pass through); no-op without LoRA."""
+    layers = [m for m in model.base.modules() if isinstance(m, LoraLayer)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enable_adapters(True)  # also makes the adapter weights trainable again
 
 
 def _rewrap(model: FirstModel) -> None:

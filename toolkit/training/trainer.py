@@ -4,9 +4,18 @@ Loss per batch (documented in docs/training.md)::
 
     g_i     = straight-through gate of layer i: forward value = hard decision (1 run / 0 skip),
               gradient = d sigmoid(logit_i)    (FirstModel.forward(..., soft_gates=True))
+    p_i     = router probability of layer i (protected layers: 1)
     used    = mean over batch and routable layers of g_i          (fraction of routable layers run)
     skip    = mean over batch of (sum_i (1 - g_i)) / L             (skip ratio as reported: skipped / L)
-    loss    = CE(target tokens) + lambda_used * used + budget_weight * (skip - budget)^2
+    skip~   = mean over batch of (sum_i (1 - p_i)) / L             (expected skip ratio, smooth)
+    KD      = KL(base model with all layers || routed model), per token, over every non-pad position
+              (prompt and target), teacher = the frozen base without LoRA
+    loss    = CE(target tokens) + distill * KD + lambda_used * used + budget_weight * (skip~ - budget)^2
+
+The budget term is on the expected (soft) skip ratio by default (``budget_on="soft"``): on the hard
+straight-through value every flipped gate made the term jump and training oscillated around the budget.
+Distillation gives every position a full-distribution target instead of the few answer tokens, which is
+what keeps language-modelling quality (perplexity) while layers are skipped.
 
 After training, the router threshold is calibrated on held-out (validation-split) prompts so that their
 average skip ratio meets the budget (bisection on the threshold, stored in router_config.json).
@@ -34,7 +43,7 @@ from firstkit.training.data import Example, collate
 from firstkit.training.lora import LORA_DIR, add_lora, save_lora
 
 __all__ = ["TrainConfig", "TrainResult", "train", "measure_skip", "calibrate_threshold", "init_routers",
-           "training_loss"]
+           "training_loss", "teacher_logits", "distill_loss"]
 
 STATE_DIR = "trainer_state"
 
@@ -53,6 +62,8 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lambda_used: float = 0.01
     budget_weight: float = 20.0
+    distill: float = 1.0  # weight of the KL to the all-layers base model (0 = answer CE only)
+    budget_on: str = "soft"  # "soft": expected skip ratio from router probabilities; "hard": straight-through
     router_dim: int = 32
     init_bias: float = 1.0
     warm_start: str = "bi"  # "loo": start at the leave-one-out static mask; "bi": biases ordered by block
@@ -75,6 +86,10 @@ class TrainConfig:
             raise ValueError("--batch-size must be >= 1")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError("--threshold must be in (0, 1)")
+        if self.distill < 0:
+            raise ValueError(f"--distill must be >= 0, got {self.distill}")
+        if self.budget_on not in ("soft", "hard"):
+            raise ValueError(f"--budget-on must be 'soft' or 'hard', got {self.budget_on!r}")
         if self.warm_start not in ("loo", "bi", "none"):
             raise ValueError(f"--warm-start must be 'loo', 'bi' or 'none', got {self.warm_start!r}")
 
@@ -180,13 +195,36 @@ def _routable(model: FirstModel) -> torch.Tensor:
     return keep
 
 
+@torch.no_grad()
+def teacher_logits(model: FirstModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of the frozen base model with every layer running and LoRA adapters switched off."""
+    from firstkit.training.lora import adapters_disabled
+
+    with adapters_disabled(model):
+        out = model.forward(batch["input_ids"], attention_mask=batch["attention_mask"],
+                            mask=[True] * model.num_layers)
+    return out.logits.float()
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) over positions whose next token is not padding."""
+    valid = (attention_mask[:, 1:] > 0).reshape(-1)
+    s = torch.log_softmax(student[:, :-1].float(), dim=-1).reshape(-1, student.shape[-1])[valid]
+    t = torch.log_softmax(teacher[:, :-1].float(), dim=-1).reshape(-1, teacher.shape[-1])[valid]
+    return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
 def training_loss(model: FirstModel, batch: dict[str, torch.Tensor], cfg: TrainConfig,
-                  wrapped: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                  wrapped: torch.nn.Module | None = None,
+                  teacher: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one batch (see the module docstring) and its parts.
 
     ``wrapped``: the accelerate-prepared model (DDP under several processes) to call instead of
-    ``model`` so gradients synchronise; ``model`` is the unwrapped ``FirstModel``.
+    ``model`` so gradients synchronise; ``model`` is the unwrapped ``FirstModel``. ``teacher``: logits of
+    :func:`teacher_logits` for the batch (computed here when ``cfg.distill > 0`` and not given).
     """
+    if cfg.distill > 0 and teacher is None:
+        teacher = teacher_logits(model, batch)
     fwd = wrapped if wrapped is not None else model
     out = fwd(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], soft_gates=True,
               prompt_mask=batch["prompt_mask"])
@@ -201,9 +239,17 @@ def training_loss(model: FirstModel, batch: dict[str, torch.Tensor], cfg: TrainC
     gates = torch.where(keep[None, :], gates, torch.ones_like(gates))  # protected layers: constant 1
     used = gates[:, keep].mean()
     skip = (1.0 - gates).sum(dim=1).mean() / model.num_layers
-    loss = ce + cfg.lambda_used * used + cfg.budget_weight * (skip - cfg.skip_budget) ** 2
-    parts = {"loss": float(loss.detach()), "ce": float(ce.detach()), "skip": float(skip.detach()),
+    soft = torch.where(keep[None, :], probs, torch.ones_like(probs))
+    expected_skip = (1.0 - soft).sum(dim=1).mean() / model.num_layers
+    budget_skip = expected_skip if cfg.budget_on == "soft" else skip
+    loss = ce + cfg.lambda_used * used + cfg.budget_weight * (budget_skip - cfg.skip_budget) ** 2
+    parts = {"ce": float(ce.detach()), "skip": float(skip.detach()), "expected_skip": float(expected_skip.detach()),
              "used": float(used.detach())}
+    if cfg.distill > 0:
+        kd = distill_loss(out.logits, teacher, batch["attention_mask"])
+        loss = loss + cfg.distill * kd
+        parts["kd"] = float(kd.detach())
+    parts["loss"] = float(loss.detach())
     return loss, parts
 
 
@@ -414,7 +460,7 @@ def train(model: FirstModel, train_examples: Sequence[Example], val_prompts: Seq
         history.append(parts)
         bar.update(1)
         if step % cfg.log_every == 0 or step == total_steps:
-            bar.set_postfix(ce=f"{parts['ce']:.3f}", skip=f"{parts['skip']:.3f}")
+            bar.set_postfix(ce=f"{parts['ce']:.3f}", kd=f"{parts.get('kd', 0.0):.3f}", skip=f"{parts['skip']:.3f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps and accelerator.is_main_process:
             _save_state(out, core, optimizer, step, phase, history, cfg,
                         {"py": rng.getstate(), "torch": torch.get_rng_state(), "order": list(order)})
