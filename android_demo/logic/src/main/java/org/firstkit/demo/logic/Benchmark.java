@@ -4,6 +4,7 @@ import java.io.File;
 import java.io.FileOutputStream;
 import java.io.IOException;
 import java.nio.charset.StandardCharsets;
+import java.util.Map;
 
 /**
  * The headless benchmark, shared by the app's BenchmarkActivity and the host {@link LogicTool}: load the bundle,
@@ -17,7 +18,46 @@ public final class Benchmark {
     void accept(String line);
   }
 
+  /** Loads the native libraries (on the phone: libexecutorch.so, then libfirstkit_jni.so). */
+  public interface NativeLoader {
+    void load();
+  }
+
   private Benchmark() {}
+
+  /**
+   * Everything BenchmarkActivity does with its intent, minus the Android calls, so the same entry point runs on a
+   * desktop JVM ({@code LogicTool activity}, and first-bench's tests drive it through a stand-in {@code am}):
+   * resolve a relative {@code bundle} under {@code bundlesDir} and a relative {@code out} under {@code filesDir},
+   * parse the extras, load the native libraries, run. A bad request or a library that does not load still leaves
+   * {@code out + ".done"} with {@code ok: false} and the one-line message when {@code out} is known, so first-bench
+   * never waits for its timeout on a mistake.
+   *
+   * @return the status JSON that was written (or would have been, when {@code out} is missing)
+   */
+  public static String runIntent(Map<String, String> extras, String bundlesDir, String filesDir, NativeLoader natives,
+      Sink sink) {
+    Map<String, String> resolved = BenchmarkRequest.resolvePaths(extras, bundlesDir, filesDir);
+    BenchmarkRequest req;
+    try {
+      req = BenchmarkRequest.fromExtras(resolved);
+      natives.load();
+      run(req, sink);
+      return LogicTool.readText(new File(req.out + ".done"));
+    } catch (RuntimeException | LinkageError | IOException e) {
+      String msg = e.getMessage() == null ? e.toString() : e.getMessage();
+      String status = BenchmarkRequest.status(false, 0, msg);
+      String out = resolved.get("out");
+      if (out != null && !out.isEmpty()) {
+        try {
+          LogicTool.writeAtomically(new File(out + ".done"), status);
+        } catch (IOException ignored) {
+          // nowhere to report: the caller logs the status
+        }
+      }
+      return status;
+    }
+  }
 
   /** Runs the request; returns true on success. Never throws for a bad bundle or request: the status says why. */
   public static boolean run(BenchmarkRequest req, Sink sink) throws IOException {

@@ -26,6 +26,8 @@ import java.util.Map;
  *   describe BITS                           the skipped-layers line the app shows
  *   result FILE                             validate run-result JSON lines
  *   bench KEY=VALUE ...                     run the headless benchmark logic (BenchmarkActivity's extras)
+ *   activity FILES_DIR BUNDLES_DIR KEY=VALUE...  what BenchmarkActivity does with its intent (relative bundle and
+ *                                           out resolved like on the phone; status file even for bad extras)
  * </pre>
  *
  * Exit status 0 on success, 1 on a failure (one line on stderr), 2 on a usage error.
@@ -164,6 +166,20 @@ public final class LogicTool {
         System.loadLibrary("firstkit_jni");
         return Benchmark.run(req, line -> { }) ? 0 : 1;
       }
+      case "activity": {
+        // BenchmarkActivity's entry point: FILES_DIR plays getExternalFilesDir(null), BUNDLES_DIR the bundle store
+        if (a.length < 3) return usage();
+        Map<String, String> extras = new LinkedHashMap<>();
+        for (int k = 3; k < a.length; k++) {
+          int eq = a[k].indexOf('=');
+          if (eq <= 0) return usage();
+          extras.put(a[k].substring(0, eq), a[k].substring(eq + 1));
+        }
+        String status = Benchmark.runIntent(extras, a[2], a[1], () -> System.loadLibrary("firstkit_jni"),
+            line -> System.out.println("FIRSTKIT_RESULT " + line));
+        System.out.println("FIRSTKIT_DONE " + status);
+        return Boolean.TRUE.equals(((Map<?, ?>) Json.parse(status)).get("ok")) ? 0 : 1;
+      }
       default:
         return usage();
     }
@@ -172,7 +188,8 @@ public final class LogicTool {
   private static int usage() {
     System.err.println("usage: LogicTool manifest DIR [--no-hashes] | encode TOKDIR TEXT [--raw] | encode-json TOKDIR FILE [--raw] | "
         + "check-manifests FILE | mask SPEC N | decode DIR IDS | stream DIR IDS N [MASK] | "
-        + "native-mask SPEC N | describe BITS | result FILE | bench KEY=VALUE...");
+        + "native-mask SPEC N | describe BITS | result FILE | bench KEY=VALUE... | "
+        + "activity FILES_DIR BUNDLES_DIR KEY=VALUE...");
     return 2;
   }
 
@@ -186,6 +203,10 @@ public final class LogicTool {
     if (!tmp.renameTo(f)) {
       Files.move(tmp.toPath(), f.toPath(), java.nio.file.StandardCopyOption.REPLACE_EXISTING);
     }
+  }
+
+  static String readText(File f) throws IOException {
+    return new String(Files.readAllBytes(f.toPath()), StandardCharsets.UTF_8);
   }
 
   static List<String> lines(File f) throws IOException {
