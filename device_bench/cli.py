@@ -1,8 +1,9 @@
-"""``first-bench``: benchmark a firstkit bundle with the native runner on adb devices or this host.
+"""``first-bench``: benchmark a firstkit bundle with the native runner on adb devices or this host, or through
+the firstkit demo app (``--app``) on Android devices.
 
     first-bench BUNDLE [--device SERIAL ...|--all-devices|--local] [--runs N] [--warmup N]
                 [--masks auto,all,BITS...] [--prompt-lengths ...] [--threads ...] [--out results.jsonl]
-                [--json] [--profile]
+                [--json] [--profile] [--app [--app-package PKG] [--app-dir DIR]]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import click
 
 from .adb import Adb, AdbError
+from .app_target import APP_TARGET, PACKAGE, AppTarget, bench_app
 from .bench import (
     AdbTarget,
     BenchError,
@@ -94,16 +96,31 @@ def _clean(v):
               help="Text the prompts are made of (tokenized with the bundle's tokenizer).")
 @click.option("--adb", "adb_path", default=None, help="adb client binary [adb on PATH, else adbutils' copy].")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Runner build cache.")
+@click.option("--app", "use_app", is_flag=True,
+              help="On the --device/--all-devices devices, drive the installed firstkit demo app (android_demo, "
+                   "BenchmarkActivity) instead of the bare native runner; rows show target 'app'.")
+@click.option("--app-package", default=PACKAGE, show_default=True, help="Package of the demo app (with --app).")
+@click.option("--app-dir", default=None,
+              help="The app's external files directory on the device, where bundles are pushed and results "
+                   "written (with --app) [/sdcard/Android/data/<package>/files].")
 def main(bundle: str, devices: tuple[str, ...], all_devices: bool, local: bool, runs: int, warmup: int,
          masks: tuple[str, ...], prompt_lengths: tuple[str, ...], threads_opt: tuple[str, ...], max_new_tokens: int,
          out_path: str, as_json: bool, profile: bool, timeout: float, retries: int, plots: bool, reference: bool,
          device_dir: str | None, runner_dir: str | None, purge: bool, prompt_text: str | None,
-         adb_path: str | None, cache_dir: str | None) -> None:
-    """Benchmark BUNDLE (a first-export bundle) base vs layer skipping with the native runner."""
+         adb_path: str | None, cache_dir: str | None, use_app: bool, app_package: str, app_dir: str | None) -> None:
+    """Benchmark BUNDLE (a first-export bundle) base vs layer skipping with the native runner (or the demo app)."""
     from tqdm import tqdm
 
     if not (devices or all_devices or local):
         raise click.UsageError("say where to run: --device SERIAL, --all-devices or --local")
+    if use_app:
+        if not (devices or all_devices):
+            raise click.UsageError("--app drives the app on adb devices: add --device SERIAL or --all-devices")
+        for flag, given in (("--profile", profile), ("--runner-dir", runner_dir), ("--device-dir", device_dir)):
+            if given:
+                raise click.UsageError(f"{flag} is for the native runner; the app (--app) does not use it")
+    elif app_dir is not None or app_package != PACKAGE:
+        raise click.UsageError("--app-dir and --app-package need --app")
     mask_list = _csv(masks)
     for m in mask_list:
         if m not in ("auto", "all") and (not m or set(m) - {"0", "1"}):
@@ -147,7 +164,10 @@ def main(bundle: str, devices: tuple[str, ...], all_devices: bool, local: bool, 
             for s in serials:
                 if states.get(s) != "device":
                     raise click.ClickException(f"device {s} is {states.get(s, 'not connected')} (see adb devices)")
-            targets += [AdbTarget(adb, s, device_dir, runner_dir) for s in serials]
+            if use_app:
+                targets += [AppTarget(adb, s, app_package, app_dir) for s in serials]
+            else:
+                targets += [AdbTarget(adb, s, device_dir, runner_dir) for s in serials]
         except AdbError as e:
             raise click.ClickException(str(e)) from e
     if local:
@@ -166,6 +186,8 @@ def main(bundle: str, devices: tuple[str, ...], all_devices: bool, local: bool, 
         def prog(n: int) -> None:
             with lock:
                 bars[t.name].update(n)
+        if isinstance(t, AppTarget):
+            return bench_app(t, b, settings, store, refs, log, prog)
         return bench_target(t, b, settings, store, refs, log, prog)
 
     with ThreadPoolExecutor(max_workers=max(1, len(targets))) as pool:
@@ -173,8 +195,14 @@ def main(bundle: str, devices: tuple[str, ...], all_devices: bool, local: bool, 
     for bar in bars.values():
         bar.close()
 
-    names = {t.name for t in targets}
-    records = [r for r in store.records() if r["bundle_sha256"] == b.sha256 and r["device"] in names
+    # native and app rows of one device stay apart (a target whose probe failed: its native rows, as before)
+    measured = {(t.name, t.runner_target or None) for t in targets}
+
+    def shown(r: dict) -> bool:
+        return (r["device"], r.get("target")) in measured or (
+            (r["device"], None) in measured and r.get("target") != APP_TARGET)
+
+    records = [r for r in store.records() if r["bundle_sha256"] == b.sha256 and shown(r)
                and r["max_new_tokens"] == max_new_tokens and r["mask_spec"] in settings.masks
                and r["prompt_len"] in settings.prompt_lengths and r["threads"] in settings.threads]
     rows = summarize(records)
@@ -183,6 +211,8 @@ def main(bundle: str, devices: tuple[str, ...], all_devices: bool, local: bool, 
                      "prompt_lengths": ",".join(map(str, settings.prompt_lengths)),
                      "threads": ",".join(map(str, settings.threads)), "max_new_tokens": max_new_tokens,
                      "store": out_path}
+    if use_app:
+        settings_line["app"] = app_package
     table = format_table(rows, settings_line)
     if as_json:
         for r in rows:
