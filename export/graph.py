@@ -24,6 +24,8 @@ from torch import nn
 
 from firstkit.router import pool_prompt
 
+from .attention import use_grouped_attention
+
 NEG_INF = torch.finfo(torch.float32).min
 
 
@@ -124,11 +126,16 @@ class ExportCore(nn.Module):
         protected: layer indices that always run.
         threshold: router threshold ``t``; a layer runs iff ``logit >= log(t / (1 - t))``.
         max_seq_len: static cache length.
+        grouped_attention: switch ``base`` to :func:`~firstkit.export.attention.grouped_attention`
+            (reads the KV cache without ``repeat_kv`` copies; same numbers as HF attention).
     """
 
     def __init__(self, base: nn.Module, routers: list[nn.Module] | None, protected: list[int],
-                 threshold: float, max_seq_len: int, cache_dtype: torch.dtype = torch.float32) -> None:
+                 threshold: float, max_seq_len: int, cache_dtype: torch.dtype = torch.float32,
+                 grouped_attention: bool = True) -> None:
         super().__init__()
+        if grouped_attention:
+            use_grouped_attention(base)
         self.base = base
         self.parts = model_parts(base)
         self.n_layers = len(self.parts.layers)

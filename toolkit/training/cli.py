@@ -37,7 +37,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
               help="Weight of (skip ratio - budget)^2.")
 @click.option("--distill", type=float, default=1.0, show_default=True,
               help="Weight of the KL to the all-layers base model on every position (0 = answer CE only).")
-@click.option("--budget-on", type=click.Choice(["soft", "hard"]), default="soft", show_default=True,
+@click.option("--budget-on", type=click.Choice(["hard", "soft"]), default="hard", show_default=True,
               help="Budget term on the expected (soft) or straight-through (hard) skip ratio.")
 @click.option("--router-dim", type=int, default=32, show_default=True)
 @click.option("--init-bias", type=float, default=0.3, show_default=True,
