@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from firstkit.hashing import sha256_file
+from firstkit.runtime.bundle import TOKENIZER_DIR, BundleError, manifest_sha256, read_manifest
 
 from .adb import Adb, AdbError, quote_cmd
 from .build_runner import BuildError, RunnerPackage, build, host_target, target_for_abi
@@ -41,77 +42,29 @@ class Bundle:
     protected: list[int] = field(default_factory=list)
 
 
-def _listed(manifest: dict) -> list[tuple[str, str | None, int | None]]:
-    """(path, sha256, size) of the manifest's file listing, whatever its shape."""
-    files = manifest.get("files")
-    out: list[tuple[str, str | None, int | None]] = []
-    if isinstance(files, dict):
-        for name, v in files.items():
-            if isinstance(v, str):
-                out.append((name, v, None))
-            elif isinstance(v, dict):
-                out.append((name, v.get("sha256"), v.get("size", v.get("bytes"))))
-    elif isinstance(files, list):
-        for v in files:
-            if isinstance(v, dict):
-                name = v.get("path") or v.get("name") or v.get("file")
-                if name:
-                    out.append((name, v.get("sha256"), v.get("size", v.get("bytes"))))
-    return out
-
-
 def load_bundle(path: str | os.PathLike) -> Bundle:
-    """Check a bundle before anything is pushed: manifest parses, files exist, sizes and sha256 match."""
+    """Check a bundle before anything is pushed: the manifest's schema, and every listed file's size and sha256.
+
+    The checks are ``firstkit.runtime.bundle.read_manifest``'s (the same as ``first-run``'s); the native
+    runner needs the ExecuTorch program, so a bundle without one is refused too.
+    """
     p = Path(path)
-    mp = p / "manifest.json"
-    if not p.is_dir():
-        raise BenchError(f"bundle {p} is not a directory")
-    if not mp.is_file():
-        raise BenchError(f"bundle {p} has no manifest.json (not a first-export bundle)")
     try:
-        manifest = json.loads(mp.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BenchError(f"bundle manifest {mp} is not valid JSON: {e}") from e
-    if not isinstance(manifest, dict):
-        raise BenchError(f"bundle manifest {mp} is not a JSON object")
-    if "format" in manifest and manifest["format"] != "firstkit-bundle":
-        raise BenchError(f"{mp}: format is {manifest['format']!r}, not 'firstkit-bundle'")
-    if "format_version" in manifest and manifest["format_version"] != 1:
-        raise BenchError(f"{mp}: unsupported format_version {manifest['format_version']!r} (first-bench reads 1)")
-    backends = manifest.get("backends") if isinstance(manifest.get("backends"), dict) else {}
-    if backends and "executorch" not in backends:
-        raise BenchError(f"bundle {p} has no ExecuTorch program (backends: {', '.join(backends)}); "
+        manifest = read_manifest(p, check_hashes=True)
+    except BundleError as e:
+        raise BenchError(str(e)) from None
+    ex = manifest["backends"].get("executorch")
+    if ex is None:
+        raise BenchError(f"bundle {p} has no ExecuTorch program (backends: {', '.join(manifest['backends'])}); "
                          "export it with --backend executorch")
-    ex = backends.get("executorch") or manifest.get("executorch") or {}
-    ex = ex if isinstance(ex, dict) else {}
-    pte = ex.get("file") or ex.get("pte") or ex.get("path") or manifest.get("pte") or "model.pte"
-    if not (p / pte).is_file():
-        raise BenchError(f"bundle {p} has no ExecuTorch program {pte}")
-    for name, sha, size in _listed(manifest):
-        if ".." in Path(name).parts or Path(name).is_absolute():
-            raise BenchError(f"manifest lists a file outside the bundle: {name}")
-        fp = p / name
-        if not fp.exists():
-            raise BenchError(f"bundle file missing: {name}")
-        if fp.is_dir():
-            continue
-        if size is not None and fp.stat().st_size != int(size):
-            raise BenchError(f"bundle file {name} has {fp.stat().st_size} bytes, manifest says {size}")
-        if sha and sha256_file(fp) != sha:
-            raise BenchError(f"bundle file {name} does not match its sha256 in the manifest (corrupted?)")
+    pte = ex["file"]
     files = ["manifest.json", pte]
-    tok = p / "tokenizer"
+    tok = p / TOKENIZER_DIR
     if tok.is_dir():
         files += sorted(str(f.relative_to(p)) for f in tok.rglob("*") if f.is_file())
-    nl = None
-    for cand in (manifest.get("num_layers"), manifest.get("n_layers"),
-                 (manifest.get("model") or {}).get("num_layers") if isinstance(manifest.get("model"), dict) else None):
-        if isinstance(cand, int):
-            nl = cand
-            break
-    routing = manifest.get("routing") if isinstance(manifest.get("routing"), dict) else {}
-    protected = [int(i) for i in routing.get("protected_layers") or [] if isinstance(i, int)]
-    return Bundle(p.resolve(), manifest, sha256_file(mp), files, pte, nl, protected)
+    protected = [int(i) for i in manifest["routing"]["protected_layers"]]
+    return Bundle(p.resolve(), manifest, manifest_sha256(p), files, pte, int(manifest["model"]["num_layers"]),
+                  protected)
 
 
 # ----------------------------------------------------------------------------------------------- prompts

@@ -66,3 +66,27 @@ def test_bad_input_is_refused_before_running(tmp_path):
     r = CliRunner().invoke(main, [b, "--local", "--prompt-lengths", "20", "--max-new-tokens", "8",
                                   "--out", str(out), "--no-plots"])
     assert r.exit_code == 1 and "exceeds the bundle's max_seq_len 24" in r.output
+
+
+def test_corrupt_or_truncated_bundle_is_refused_before_anything_runs(tmp_path):
+    import shutil
+
+    out = tmp_path / "x.jsonl"
+    for damage, msg in (("truncate", "manifest says"), ("flip", "does not match the manifest"),
+                        ("manifest", "missing keys")):
+        b = tmp_path / damage
+        shutil.copytree(tiny_bundle(), b)
+        pte = b / "model.pte"
+        data = bytearray(pte.read_bytes())
+        if damage == "truncate":
+            pte.write_bytes(bytes(data[: len(data) // 2]))
+        elif damage == "flip":
+            data[len(data) // 2] ^= 0xFF
+            pte.write_bytes(bytes(data))
+        else:
+            m = json.loads((b / "manifest.json").read_text())
+            del m["versions"]
+            (b / "manifest.json").write_text(json.dumps(m))
+        r = CliRunner().invoke(main, [str(b), "--local", "--out", str(out), "--no-plots"])
+        assert r.exit_code != 0 and msg in r.output, (damage, r.output)
+    assert not out.exists()

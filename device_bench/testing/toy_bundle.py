@@ -176,11 +176,14 @@ def build_toy_bundle(out_dir: str | os.PathLike, num_layers: int = 4, hidden: in
     try:
         with open(tmp / "model.pte", "wb") as f:
             et.write_to_file(f)
-        manifest = {  # the keys of docs/bundle_format.md the native runner reads
+        manifest = {  # a complete manifest of docs/bundle_format.md (first-bench validates it like first-run)
             "format": "firstkit-bundle",
             "format_version": 1,
-            "model": {"id": "toy", "architecture": "toy", "num_layers": num_layers, "hidden_size": hidden,
-                      "vocab_size": vocab, "bos_id": 1, "eos_ids": [eos_id]},
+            "model": {"id": "toy", "sha256": "0" * 64, "architecture": "toy", "num_layers": num_layers,
+                      "hidden_size": hidden, "vocab_size": vocab, "bos_id": 1, "eos_ids": [eos_id]},
+            "quantization": {"scheme": "none", "dtype": "float32"},
+            "mask_semantics": "one int64 per layer, 1 = the layer runs (docs/CONTRACTS.md)",
+            "versions": {"firstkit": "toy"},
             "routing": {"policy": "routers", "threshold": 0.5, "never_skip": [0, -1],
                         "protected_layers": [0, num_layers - 1]},
             "max_seq_len": max_seq_len,
