@@ -227,7 +227,8 @@ def write_executorch(core: ExportCore, manifest: dict, out_dir: Path, quantized:
         "runtime_requirements": ["share memory arenas between methods (Python executorch.runtime does; C++ "
                                  "Module(..., share_memory_arenas=true))",
                                  "copy outputs before the next execute (outputs may alias shared arenas)",
-                                 "quantized kernels registered (8da4w)" if quantized else "portable+XNNPACK"],
+                                 f"quantized kernels registered ({manifest['quantization']['scheme']})"
+                                 if quantized else "portable+XNNPACK"],
     }
     return {"torch_export_s": t1 - t0, "lower_s": t2 - t1}
 
@@ -258,6 +259,8 @@ def export_bundle(model: str, routers: str | None, backend: str, scheme: str, ma
         raise ExportError(f"unknown backend {backend!r}; choose from {', '.join(BACKEND_CHOICES)}")
     if scheme not in SCHEMES:
         raise ExportError(f"unknown quantization {scheme!r}; choose from {', '.join(SCHEMES)}")
+    if scheme not in ("none", "8da4w") and backend in ("onnx", "all"):
+        raise ExportError(f"--quantize {scheme} is ExecuTorch only (ONNX has none and 8da4w = int4 MatMulNBits)")
     if max_seq_len < 2:
         raise ExportError("--max-seq-len must be >= 2")
     output = Path(output)
@@ -311,7 +314,10 @@ def export_bundle(model: str, routers: str | None, backend: str, scheme: str, ma
                     progress(f"verify {b}")
                 t = time.perf_counter()
                 runner = BundleRunner(tmp, backend=b, threads=threads, load_tokenizer=False)
-                verification[b] = verify_bundle(runner, first_model, scheme != "none", verify_tokens, atol)
+                # the eager quantized model is what the .pte holds (ONNX quantizes its own float graph)
+                qref = core.base if scheme != "none" and b == "executorch" else None
+                verification[b] = verify_bundle(runner, first_model, scheme != "none", verify_tokens, atol,
+                                                quantized_reference=qref)
                 del runner
                 timings[f"verify_{b}_s"] = time.perf_counter() - t
             manifest["verification"] = {b: {k: v for k, v in r.items() if k != "cases"}

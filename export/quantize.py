@@ -7,7 +7,9 @@ import copy
 import torch
 from torch import nn
 
-SCHEMES = ("none", "8da4w")
+#: ``8da4w``: smallest (about 18 % of the fp32 .pte for SmolLM2-135M) but 4-bit weights cost a model this small
+#: ~30-45 % perplexity; ``8da8w``: about 25 % of fp32, perplexity within ~2 % of fp32 (docs/results_export.md).
+SCHEMES = ("none", "8da4w", "8da8w")
 
 
 def detached_base(first_model) -> nn.Module:
@@ -62,32 +64,78 @@ class Int8Embedding(nn.Module):
         return out * self.embed_scale if self.embed_scale is not None else out
 
 
-def quantize_8da4w(base: nn.Module, group_size: int = 32) -> dict:
-    """8-bit dynamic activations, 4-bit grouped weights on linears; int8 per-row embeddings (XNNPACK).
+def _dynamic_config(bits: int, group_size: int):
+    """torchao config for int8 dynamic (per-token) activations and ``bits``-bit symmetric weights.
 
-    Linears whose input size is not a multiple of ``group_size`` stay float (counted in the result).
+    4 bits: per group of ``group_size`` input channels (XNNPACK qd8-f32-qb4w), scales chosen by HQQ (scale
+    only, so still symmetric: same kernel, SmolLM2-135M perplexity 55.9 -> 51.2 vs min/max scales); 8 bits: per
+    output channel (XNNPACK qd8-f32-qc8w).
     """
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
+        IntxChooseQParamsAlgorithm,
+    )
+
+    if bits == 4:
+        return Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4, weight_granularity=PerGroup(group_size),
+            intx_choose_qparams_algorithm=IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY)
+    if bits == 8:
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    raise ValueError(f"unsupported weight bits {bits}")
+
+
+def quantize_dynamic(base: nn.Module, linear_bits: int, group_size: int = 32, head_bits: int = 8) -> dict:
+    """int8 dynamic activations on every linear; int8 per-row embedding; all weight formats XNNPACK kernels.
+
+    Decoder linears get ``linear_bits``-bit weights; a 4-bit linear whose input size is not a multiple of
+    ``group_size`` gets 8-bit per-channel weights instead. The LM head (untied first) gets ``head_bits``:
+    8 by default, because a 4-bit head alone costs SmolLM2-135M ~14 % perplexity (docs/results_export.md).
+    """
+    from torchao.quantization import quantize_
 
     from firstkit.architectures import adapter_for
 
     untie_head(base)
-    linears = [m for m in base.modules() if isinstance(m, nn.Linear)]
-    skipped = [m for m in linears if m.in_features % group_size]
-    decoder = adapter_for(base.config).decoder(base)
+    adapter = adapter_for(base.config)
+    head = adapter.lm_head(base)
+    decoder = adapter.decoder(base)
     decoder.embed_tokens = Int8Embedding(decoder.embed_tokens)
-    quantize_(base, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
-                                                          weight_granularity=PerGroup(group_size)),
-              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and m.in_features % group_size == 0)
+
+    def bits_of(m: nn.Linear, bits: int) -> int:
+        return 8 if bits == 4 and m.in_features % group_size else bits
+
+    linears = {fqn: m for fqn, m in base.named_modules() if isinstance(m, nn.Linear)}
+    plan = {fqn: bits_of(m, head_bits if m is head else linear_bits) for fqn, m in linears.items()}
+    for bits in sorted(set(plan.values())):
+        quantize_(base, _dynamic_config(bits, group_size),
+                  filter_fn=lambda m, fqn, b=bits: isinstance(m, nn.Linear) and plan.get(fqn) == b)
+    dec = [b for fqn, b in plan.items() if linears[fqn] is not head]
+    desc = {4: f"int4 weights, symmetric, group size {group_size}, HQQ scales",
+            8: "int8 weights, symmetric, per output channel"}
     return {
-        "scheme": "8da4w",
-        "linear": f"int8 dynamic activations, int4 weights, group size {group_size} (torchao)",
+        "scheme": f"8da{linear_bits}w",
+        "linear": f"int8 dynamic activations (per token), {desc[linear_bits]} (torchao, XNNPACK)",
+        "lm_head": f"untied; int8 dynamic activations, {desc[bits_of(head, head_bits)]}",
         "embedding": "int8 weight-only, per row, symmetric (quantized_decomposed::embedding_byte)",
-        "linears_quantized": len(linears) - len(skipped),
-        "linears_float": len(skipped),
+        "group_size": group_size if linear_bits == 4 or head_bits == 4 else None,
+        "linears_quantized": len(plan),
+        "linears_int4": sum(b == 4 for b in dec),
+        "linears_int8": sum(b == 8 for b in dec),
+        "linears_float": 0,
         "routers": "float32 (not quantized)",
     }
+
+
+def quantize_8da4w(base: nn.Module, group_size: int = 32, head_bits: int = 8) -> dict:
+    """8-bit dynamic activations, 4-bit grouped weights on decoder linears, int8 head and embedding."""
+    return quantize_dynamic(base, 4, group_size, head_bits)
+
+
+def quantize_8da8w(base: nn.Module) -> dict:
+    """8-bit dynamic activations, 8-bit per-channel weights on every linear (head included), int8 embedding."""
+    return quantize_dynamic(base, 8, head_bits=8)
 
 
 def quantize(base: nn.Module, scheme: str, group_size: int = 32) -> dict:
@@ -96,4 +144,6 @@ def quantize(base: nn.Module, scheme: str, group_size: int = 32) -> dict:
         return {"scheme": "none", "dtype": "float32"}
     if scheme == "8da4w":
         return quantize_8da4w(base, group_size)
+    if scheme == "8da8w":
+        return quantize_8da8w(base)
     raise ValueError(f"unknown quantization {scheme!r}; choose from {', '.join(SCHEMES)}")
