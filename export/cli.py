@@ -61,8 +61,8 @@ def summary_table(result) -> str:
               help="Skip budget of the shipped routers to use with --routers auto (default: shipped default).")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="executorch", show_default=True)
 @click.option("--quantize", "scheme", type=click.Choice(SCHEMES), default="none", show_default=True,
-              help="none = fp32; 8da4w = int8 dynamic activations + int4 weights (ExecuTorch), int4 MatMulNBits "
-                   "(ONNX).")
+              help="none = fp32; 8da4w = int8 dynamic activations + int4 weights, int8 head (ExecuTorch), int4 "
+                   "MatMulNBits (ONNX); 8da8w = int8 dynamic activations + int8 weights (ExecuTorch only).")
 @click.option("--max-seq-len", type=click.IntRange(2, 32768), default=512, show_default=True,
               help="KV-cache length (prompt + generated tokens).")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
