@@ -142,9 +142,9 @@ def _method_signatures(n: int, h: int, v: int, s: int) -> dict:
 
 
 def _eos_bos(first_model) -> tuple[int | None, list[int]]:
-    from firstkit.routed_model import _eos_ids
+    from firstkit.routed_model import eos_ids
 
-    eos = _eos_ids(None, first_model.base, first_model.tokenizer)
+    eos = eos_ids(None, first_model.base, first_model.tokenizer)
     bos = getattr(first_model.config, "bos_token_id", None)
     if bos is None and first_model.tokenizer is not None:
         bos = first_model.tokenizer.bos_token_id

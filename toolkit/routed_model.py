@@ -337,7 +337,7 @@ class FirstModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(ids)
         attention_mask = attention_mask.to(ids.device).long()
-        eos = _eos_ids(eos_token_id, self.base, self.tokenizer)
+        eos = eos_ids(eos_token_id, self.base, self.tokenizer)
         pad = _pad_id(self.base, self.tokenizer, eos)
         generator = torch.Generator(device=ids.device)
         if seed is not None:
@@ -390,7 +390,8 @@ class FirstModel(nn.Module):
         return ids.to(self.device)
 
 
-def _eos_ids(eos_token_id, base: PreTrainedModel, tokenizer) -> list[int]:
+def eos_ids(eos_token_id, base: PreTrainedModel, tokenizer) -> list[int]:
+    """End-of-sequence ids: the given ones, else the generation config's, the model config's or the tokenizer's."""
     if eos_token_id is None:
         gen = getattr(base, "generation_config", None)
         eos_token_id = getattr(gen, "eos_token_id", None) if gen is not None else None
