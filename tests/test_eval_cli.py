@@ -65,6 +65,25 @@ def test_train_cli_writes_checkpoint(trained):
     assert not (trained / "trainer_state").exists()
 
 
+def test_train_cli_heals_with_lora_from_init_routers_frozen(tiny_dir, tmp_path, trained):
+    """--init-routers + --steps 0 --lr 0: LoRA trained under the given routers' own masks; routers unchanged."""
+    from safetensors.torch import load_file
+
+    start = trained / "phase1"
+    out = tmp_path / "heal"
+    r = CliRunner().invoke(train_main, ["--model", str(tiny_dir), "--out", str(out), "--skip-budget", "0.34",
+                                        "--init-routers", str(start), "--steps", "0", "--lora-steps", "2",
+                                        "--lr", "0", "--no-calibrate", "--batch-size", "2", "--tasks", "copa",
+                                        "--per-task", "4", "--val-prompts", "4", "--max-len", "64",
+                                        "--lora-rank", "2", "--threads", "1", "--quiet", "--json"])
+    assert r.exit_code == 0, r.output
+    before, after = load_file(str(start / "routers.safetensors")), load_file(str(out / "routers.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    cfg = json.loads((out / "router_config.json").read_text())
+    assert cfg["threshold"] == json.loads((start / "router_config.json").read_text())["threshold"]
+    assert cfg["lora"] is True and (out / "lora" / "adapter_model.safetensors").is_file()
+
+
 def test_train_cli_rejects_bad_input(tiny_dir, tmp_path, trained):
     r = CliRunner().invoke(train_main, ["--model", str(tiny_dir), "--out", str(tmp_path / "x"),
                                         "--skip-budget", "1.5"])

@@ -42,6 +42,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @click.option("--router-dim", type=int, default=32, show_default=True)
 @click.option("--init-bias", type=float, default=0.3, show_default=True,
               help="Initial router logit (> 0: every layer runs at step 0).")
+@click.option("--init-routers", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Start from this router checkpoint (e.g. a phase-1 run) instead of fresh routers.")
 @click.option("--warm-start", type=click.Choice(["loo", "bi", "none"]), default="bi", show_default=True,
               help="Initial router biases: leave-one-out static mask at the budget (loo), all running and "
                    "ordered by block influence (bi), or all equal (none).")
@@ -59,7 +61,8 @@ def main(model_source: str, out_dir: str, skip_budget: float, steps: int, lora_s
          max_len: int, tasks: str | None, per_task: int, val_prompts: int, data_dir: str | None, lr: float,
          lora_lr: float, lora_rank: int, lambda_used: float, budget_weight: float, distill: float, budget_on: str,
          router_dim: int,
-         init_bias: float, warm_start: str, bias_spread: float, calibrate: bool, save_every: int, resume: bool,
+         init_bias: float, init_routers: str | None, warm_start: str, bias_spread: float, calibrate: bool,
+         save_every: int, resume: bool,
          seed: int, threads: int | None,
          as_json: bool, quiet: bool) -> None:
     """Train FiRST routers with the base model frozen; LoRA optional (phase 2).
@@ -80,6 +83,8 @@ def main(model_source: str, out_dir: str, skip_budget: float, steps: int, lora_s
                       router_dim=router_dim, init_bias=init_bias, warm_start=warm_start,
                       bias_spread=bias_spread, calibrate=calibrate, seed=seed,
                       save_every=save_every)
+    if init_routers:  # continue with the checkpoint's calibrated threshold, so training sees its masks
+        cfg.threshold = float(json.loads((Path(init_routers) / "router_config.json").read_text())["threshold"])
     try:
         cfg.validate()
     except ValueError as e:
@@ -97,7 +102,7 @@ def main(model_source: str, out_dir: str, skip_budget: float, steps: int, lora_s
     try:
         from firstkit.routed_model import load_model
 
-        model = load_model(model_source)
+        model = load_model(model_source, routers=init_routers)
         if model.tokenizer is None:
             raise click.ClickException(f"model {model_source} has no tokenizer")
         examples = build_examples(model.tokenizer, task_list, "train", per_task, max_len, seed, data_dir)
