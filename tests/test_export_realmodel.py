@@ -37,12 +37,15 @@ def test_real_default_model_executorch_fp32(tmp_path):
     r = runner.generate("What is the capital of France?", max_new_tokens=8, mask="auto")
     import firstkit
     from firstkit.routers import default_routers_path
+    from firstkit.training.lora import apply_lora
 
-    eager = firstkit.load_model("smollm2-135m-instruct", routers=default_routers_path("smollm2-135m-instruct"))
+    shipped = default_routers_path("smollm2-135m-instruct", lora=True)  # first-export's default: routers + LoRA
+    assert m["routing"]["routers_path"] == str(shipped) and m["routing"]["lora_merged_from"] == str(shipped)
+    eager = apply_lora(firstkit.load_model("smollm2-135m-instruct", routers=shipped), shipped)
     decided = eager.decide_mask(eager.encode_chat("What is the capital of France?"))
     expected = "".join("1" if b else "0" for b in decided)
     assert r["mask"] == expected and r["tokens"]
-    # ... and with the layers they skip, the default (skip15) routers still answer this question
+    # ... and with the layers they skip, the default (skip15-lora) routers still answer this question
     assert expected.count("0") >= 1 and "Paris" in r["text"], r
     # an explicit skipping mask decodes through fewer layer methods and still produces tokens
     mask = "1" * 10 + "0" + "1" * 9 + "0" + "1" * 9
