@@ -284,7 +284,7 @@ def measure_skip(model: FirstModel, prompts: Sequence[Sequence[int]], batch_size
         model.routing = saved
 
 
-def calibrate_threshold(model: FirstModel, prompts: Sequence[Sequence[int]], budget: float, iters: int = 10,
+def calibrate_threshold(model: FirstModel, prompts: Sequence[Sequence[int]], budget: float, iters: int = 20,
                         batch_size: int = 8) -> tuple[float, float]:
     """Bisect the router threshold so the held-out average skip ratio is closest to ``budget``.
 
