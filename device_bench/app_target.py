@@ -38,10 +38,12 @@ from .bench import (
     Settings,
     TargetReport,
     check_masks,
+    check_prompt_fits,
     make_prompt,
     mask_override,
+    remaining_runs,
 )
-from .store import RECORD_SCHEMA, ResultStore, config_key
+from .store import RECORD_SCHEMA, ResultStore
 
 PACKAGE = "org.firstkit.demo"
 ACTIVITY = ".BenchmarkActivity"
@@ -273,17 +275,9 @@ class AppTarget(AdbTarget):
 
 # ----------------------------------------------------------------------------------------------- the benchmark
 def app_bundle_facts(bundle: Bundle) -> dict:
-    """The app's view of the bundle, checked on the host before anything is pushed (the app's Java check equals
-    ``firstkit.runtime.bundle.validate_manifest``; load_bundle already checked the listed files' sizes and sha256)."""
-    from firstkit.runtime.bundle import BundleError, validate_manifest
-
-    try:
-        validate_manifest(bundle.manifest, str(bundle.path / "manifest.json"))
-    except BundleError as e:
-        raise BenchError(f"the app would refuse this bundle: {e}") from e
+    """The app's view of the bundle. ``load_bundle`` already validated it on the host (the manifest schema that the
+    app's Java check equals, an ExecuTorch program, every listed file's size and sha256)."""
     m = bundle.manifest
-    if "executorch" not in m["backends"]:
-        raise BenchError(f"bundle {bundle.path} has no ExecuTorch program (the app runs ExecuTorch only)")
     model = m["model"]
     bos = model.get("bos_id")
     return {"num_layers": int(model["num_layers"]), "max_seq_len": int(m["max_seq_len"]),
@@ -301,9 +295,7 @@ def bench_app(target: AppTarget, bundle: Bundle, s: Settings, store: ResultStore
         n_layers = facts["num_layers"]
         check_masks(s.masks, n_layers, facts["protected"])
         for plen in s.prompt_lengths:
-            if plen + s.max_new_tokens - 1 > facts["max_seq_len"]:
-                raise BenchError(f"prompt length {plen} + {s.max_new_tokens} new tokens exceeds the bundle's "
-                                 f"max_seq_len {facts['max_seq_len']}")
+            check_prompt_fits(plen, s.max_new_tokens, facts["max_seq_len"])
         target.probe()
         name = target.prepare_bundle(bundle, facts["files"], log)
         log(f"{target.name}: {target.package} ({target.apk}), bundle {name}")
@@ -317,11 +309,8 @@ def bench_app(target: AppTarget, bundle: Bundle, s: Settings, store: ResultStore
             for th in s.threads:
                 for spec in s.masks:
                     rec0 = {**base_rec, "mask_spec": spec, "prompt_len": plen, "threads": th}
-                    remaining = s.runs - done.get(config_key(rec0), 0)
+                    remaining = remaining_runs(s, rec0, done, rep, progress)
                     if remaining <= 0:
-                        rep.skipped_configs += 1
-                        if progress:
-                            progress(s.runs)
                         continue
                     expected = refs.tokens(prompt, s.max_new_tokens, mask_override(spec, n_layers)) if refs else None
                     err = _run_app_config(target, s, store, rec0, name, prompt, n_layers, remaining, expected, rep,

@@ -423,6 +423,24 @@ def check_masks(masks: list[str], n_layers: int, protected: list[int]) -> None:
                 raise BenchError(f"mask {m} skips protected layer {i % n_layers} (protected: {protected})")
 
 
+def check_prompt_fits(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> None:
+    """Prompt + generated tokens must fit the bundle's static KV cache."""
+    if prompt_len + max_new_tokens - 1 > max_seq_len:
+        raise BenchError(f"prompt length {prompt_len} + {max_new_tokens} new tokens exceeds the bundle's "
+                         f"max_seq_len {max_seq_len}")
+
+
+def remaining_runs(s: Settings, rec0: dict, done: dict, rep: TargetReport,
+                   progress: Callable[[int], None] | None) -> int:
+    """Runs still missing from the store for configuration ``rec0``; a complete one is counted as skipped."""
+    remaining = s.runs - done.get(config_key(rec0), 0)
+    if remaining <= 0:
+        rep.skipped_configs += 1
+        if progress:
+            progress(s.runs)
+    return remaining
+
+
 def mask_override(spec: str, n_layers: int) -> list[int] | None:
     if spec == "auto":
         return None
@@ -461,20 +479,15 @@ def bench_target(target: Target, bundle: Bundle, s: Settings, store: ResultStore
                     "target": target.runner_target, "emulated": target.emulated, "bundle_sha256": bundle.sha256,
                     "runner_key": pkg.key, "max_new_tokens": s.max_new_tokens, "warmup": s.warmup}
         for plen in s.prompt_lengths:
-            if plen + s.max_new_tokens - 1 > int(info["max_seq_len"]):
-                raise BenchError(f"prompt length {plen} + {s.max_new_tokens} new tokens exceeds the bundle's "
-                                 f"max_seq_len {info['max_seq_len']}")
+            check_prompt_fits(plen, s.max_new_tokens, int(info["max_seq_len"]))
             prompt = make_prompt(bundle, plen, int(info["vocab_size"]), int(info["bos_id"]), s.prompt_text)
             pfile = f"{sess}/prompt-{plen}.txt"
             target.write_text(pfile, ",".join(map(str, prompt)))
             for th in s.threads:
                 for spec in s.masks:
                     rec0 = {**base_rec, "mask_spec": spec, "prompt_len": plen, "threads": th}
-                    remaining = s.runs - done.get(config_key(rec0), 0)
+                    remaining = remaining_runs(s, rec0, done, rep, progress)
                     if remaining <= 0:
-                        rep.skipped_configs += 1
-                        if progress:
-                            progress(s.runs)
                         continue
                     expected = None
                     if refs is not None:
