@@ -10,7 +10,8 @@ Loss per batch (documented in docs/training.md)::
     skip~   = mean over batch of (sum_i (1 - p_i)) / L             (expected skip ratio, smooth)
     KD      = KL(base model with all layers || routed model), per token, over every non-pad position
               (prompt and target), teacher = the frozen base without LoRA
-    loss    = CE(target tokens) + distill * KD + lambda_used * used + budget_weight * (skip~ - budget)^2
+    loss    = CE(target tokens) + distill * KD + lambda_used * used + budget_weight * (s_b - budget)^2
+              with s_b = skip (budget_on="hard", the default) or skip~ (budget_on="soft")
 
 The budget term is on the straight-through skip ratio by default (``budget_on="hard"``: value = the hard
 decisions, gradient through the probabilities). ``budget_on="soft"`` puts it on the expected skip ratio
@@ -211,8 +212,8 @@ def teacher_logits(model: FirstModel, batch: dict[str, torch.Tensor]) -> torch.T
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean per-token KL(teacher || student) over positions whose next token is not padding."""
     valid = (attention_mask[:, 1:] > 0).reshape(-1)
-    s = torch.log_softmax(student[:, :-1].float(), dim=-1).reshape(-1, student.shape[-1])[valid]
-    t = torch.log_softmax(teacher[:, :-1].float(), dim=-1).reshape(-1, teacher.shape[-1])[valid]
+    s = torch.log_softmax(student[:, :-1].reshape(-1, student.shape[-1])[valid].float(), dim=-1)
+    t = torch.log_softmax(teacher[:, :-1].reshape(-1, teacher.shape[-1])[valid].float(), dim=-1)
     return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
