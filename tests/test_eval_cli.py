@@ -84,6 +84,33 @@ def test_train_cli_heals_with_lora_from_init_routers_frozen(tiny_dir, tmp_path, 
     assert cfg["lora"] is True and (out / "lora" / "adapter_model.safetensors").is_file()
 
 
+def test_train_cli_under_accelerate_launch_two_processes(tiny_dir, tmp_path):
+    """`accelerate launch` (2 CPU processes, gloo DDP) runs first-train unchanged; the main process writes.
+
+    ``--cpu`` makes accelerate start a single process; ``--multi_gpu`` with ACCELERATE_USE_CPU=1 starts two
+    processes that accelerate joins as MULTI_CPU (gloo), the same code path as DDP over GPUs.
+    """
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "firstkit.training.cli",
+           "--model", str(tiny_dir), "--out", str(out), "--skip-budget", "0.34", "--steps", "4", "--lora-steps",
+           "2", "--batch-size", "2", "--tasks", "copa,boolq", "--per-task", "6", "--val-prompts", "6",
+           "--max-len", "64", "--lora-rank", "2", "--threads", "1", "--quiet", "--json"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summaries = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1 and summaries[0]["steps"] == 6 and summaries[0]["lora"] is True
+    cfg = json.loads((out / "router_config.json").read_text())
+    assert cfg["processes"] == 2  # data parallel: each process trained on its own slice of every batch
+    assert cfg["num_layers"] == 6 and cfg["lora"] is True and len(json.loads((out / "train_log.json").read_text())) == 6
+    assert (out / "lora" / "adapter_model.safetensors").is_file() and not (out / "trainer_state").exists()
+
+
 def test_train_cli_rejects_bad_input(tiny_dir, tmp_path, trained):
     r = CliRunner().invoke(train_main, ["--model", str(tiny_dir), "--out", str(tmp_path / "x"),
                                         "--skip-budget", "1.5"])

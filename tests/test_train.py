@@ -11,7 +11,7 @@ from firstkit.router import RouterCheckpointError, RouterStack
 from firstkit.testing import tiny_base_model, tiny_model
 from firstkit.training.data import Example, collate
 from firstkit.training.lora import apply_lora, has_lora
-from firstkit.training.trainer import TrainConfig, measure_skip, train, training_loss
+from firstkit.training.trainer import TrainConfig, lr_factor, measure_skip, train, training_loss
 
 
 def _examples(n: int = 64, seed: int = 0) -> list[Example]:
@@ -91,9 +91,11 @@ def test_checkpoint_round_trip_and_mismatch_refused(tmp_path):
         RouterStack.from_pretrained(tmp_path / "ck", num_layers=6, hidden_size=64)
 
 
-def test_resume_continues_from_saved_step(tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_continues_from_saved_step(tmp_path, schedule):
     torch.set_num_threads(1)
-    cfg = TrainConfig(skip_budget=0.25, steps=6, batch_size=2, save_every=3, calibrate=False, router_dim=8)
+    cfg = TrainConfig(skip_budget=0.25, steps=6, batch_size=2, save_every=3, calibrate=False, router_dim=8,
+                      lr_schedule=schedule)
     data = _examples(16)
     full = train(_fresh(4), data, [], tmp_path / "a", cfg, progress=False)
     # interrupted run: stop after step 3 by training only 3 steps with the same state cadence
@@ -122,6 +124,20 @@ def test_resume_continues_from_saved_step(tmp_path):
     for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
         assert torch.allclose(x, y, atol=1e-5)
     assert [h["ce"] for h in full.history] == pytest.approx([h["ce"] for h in res.history], abs=1e-4)
+    assert [h["lr_factor"] for h in full.history] == [h["lr_factor"] for h in res.history]
+
+
+def test_cosine_schedule_warms_up_decays_and_restarts_per_phase():
+    cfg = TrainConfig(steps=40, lora_steps=100, lr_schedule="cosine")
+    f = [lr_factor(cfg, s) for s in range(140)]
+    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0)  # 2 warm-up steps (5 % of 40)
+    assert all(a >= b for a, b in zip(f[2:40], f[3:40], strict=False))  # then it only decays
+    assert f[39] < 0.01
+    assert f[40] == pytest.approx(0.2) and f[44] == pytest.approx(1.0)  # phase 2: 5 warm-up steps again
+    assert f[139] < 0.001 and f[92] == pytest.approx(0.5, abs=0.02)  # half-way through the decay
+    assert all(lr_factor(TrainConfig(steps=40, lora_steps=100), s) == 1.0 for s in range(140))
+    with pytest.raises(ValueError, match="lr-schedule"):
+        TrainConfig(lr_schedule="linear").validate()
 
 
 def test_lora_phase_saves_adapter_that_merges(tmp_path):

@@ -31,6 +31,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @click.option("--lr", type=float, default=2e-3, show_default=True, help="Router learning rate.")
 @click.option("--lora-lr", type=float, default=5e-4, show_default=True)
 @click.option("--lora-rank", type=int, default=8, show_default=True)
+@click.option("--lora-alpha", type=float, default=16.0, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+              help="Per phase: constant, or 5 % linear warm-up then cosine decay to 0.")
 @click.option("--lambda-used", type=float, default=0.01, show_default=True,
               help="Weight of the mean fraction of layers used (FiRST penalty).")
 @click.option("--budget-weight", type=float, default=20.0, show_default=True,
@@ -59,7 +62,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(model_source: str, out_dir: str, skip_budget: float, steps: int, lora_steps: int, batch_size: int,
          max_len: int, tasks: str | None, per_task: int, val_prompts: int, data_dir: str | None, lr: float,
-         lora_lr: float, lora_rank: int, lambda_used: float, budget_weight: float, distill: float, budget_on: str,
+         lora_lr: float, lora_rank: int, lora_alpha: float, lr_schedule: str, lambda_used: float,
+         budget_weight: float, distill: float, budget_on: str,
          router_dim: int,
          init_bias: float, init_routers: str | None, warm_start: str, bias_spread: float, calibrate: bool,
          save_every: int, resume: bool,
@@ -78,7 +82,8 @@ def main(model_source: str, out_dir: str, skip_budget: float, steps: int, lora_s
     if max_len < 16:
         raise click.UsageError("--max-len must be >= 16")
     cfg = TrainConfig(skip_budget=skip_budget, steps=steps, lora_steps=lora_steps, batch_size=batch_size, lr=lr,
-                      lora_lr=lora_lr, lora_rank=lora_rank, lambda_used=lambda_used, budget_weight=budget_weight,
+                      lora_lr=lora_lr, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                      lr_schedule=lr_schedule, lambda_used=lambda_used, budget_weight=budget_weight,
                       distill=distill, budget_on=budget_on,
                       router_dim=router_dim, init_bias=init_bias, warm_start=warm_start,
                       bias_spread=bias_spread, calibrate=calibrate, seed=seed,
@@ -113,6 +118,10 @@ def main(model_source: str, out_dir: str, skip_budget: float, steps: int, lora_s
                     extra_meta={"train_tasks": list(task_list), "max_len": max_len})
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise click.ClickException(str(e)) from None
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch` only the main process reports
+        return
     summary = {"out": str(out), "steps": res.steps_done, "threshold": res.threshold,
                "val_skip_ratio": res.val_skip_ratio, "skip_budget": skip_budget, "seconds": round(res.seconds, 1),
                "final": res.history[-1] if res.history else None, "lora": lora_steps > 0}

@@ -46,7 +46,7 @@ from firstkit.training.data import Example, collate
 from firstkit.training.lora import LORA_DIR, add_lora, save_lora
 
 __all__ = ["TrainConfig", "TrainResult", "train", "measure_skip", "calibrate_threshold", "init_routers",
-           "training_loss", "teacher_logits", "distill_loss"]
+           "training_loss", "teacher_logits", "distill_loss", "lr_factor"]
 
 STATE_DIR = "trainer_state"
 
@@ -73,6 +73,7 @@ class TrainConfig:
     #                          influence, all layers running; "none": all biases equal init_bias
     bias_spread: float = 2.0  # range of the warm-started biases
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # "cosine": 5 % linear warm-up, then cosine decay to 0, per phase
     calibrate: bool = True
     threshold: float = 0.5
     never_skip: tuple[int, ...] = (0, -1)
@@ -93,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"--distill must be >= 0, got {self.distill}")
         if self.budget_on not in ("soft", "hard"):
             raise ValueError(f"--budget-on must be 'soft' or 'hard', got {self.budget_on!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"--lr-schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.warm_start not in ("loo", "bi", "none"):
             raise ValueError(f"--warm-start must be 'loo', 'bi' or 'none', got {self.warm_start!r}")
 
@@ -352,6 +355,21 @@ def _save_state(out: Path, model: FirstModel, optimizer: torch.optim.Optimizer, 
     _atomic_dir(out / STATE_DIR, write)
 
 
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Learning-rate multiplier before optimizer step ``step`` (0-based, global) under ``cfg.lr_schedule``.
+
+    The schedule restarts with each phase; it depends on the step only, so ``--resume`` continues it.
+    """
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    start, length = (0, cfg.steps) if step < cfg.steps else (cfg.steps, cfg.lora_steps)
+    t = step - start
+    warm = max(1, round(0.05 * length))
+    if t < warm:
+        return (t + 1) / warm
+    return 0.5 * (1.0 + math.cos(math.pi * (t - warm) / max(1, length - warm)))
+
+
 def train(model: FirstModel, train_examples: Sequence[Example], val_prompts: Sequence[Sequence[int]],
           out_dir: str | os.PathLike, cfg: TrainConfig, resume: bool = False, accelerator=None,
           progress: bool = True, extra_meta: dict | None = None) -> TrainResult:
@@ -382,7 +400,7 @@ def train(model: FirstModel, train_examples: Sequence[Example], val_prompts: Seq
     if resume:
         if not state_path.is_file():
             raise FileNotFoundError(f"--resume: no trainer state in {out / STATE_DIR}")
-        saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        saved = torch.load(state_path, map_location="cpu", weights_only=True)
         old = saved["config"]
         for key in ("skip_budget", "router_dim", "lora_rank"):
             if old[key] != getattr(cfg, key):
@@ -404,38 +422,42 @@ def train(model: FirstModel, train_examples: Sequence[Example], val_prompts: Seq
     order: list[int] = list(rng_state.get("order", [])) if rng_state is not None else []
 
     def next_batch() -> dict[str, torch.Tensor]:
+        # every process walks the same shuffled order (same seed) and takes its own slice of the global
+        # batch: data parallel, --batch-size examples per process and step
         nonlocal order
         idx = []
-        while len(idx) < cfg.batch_size:
+        while len(idx) < cfg.batch_size * accelerator.num_processes:
             if not order:
                 order = list(range(len(train_examples)))
                 rng.shuffle(order)
             idx.append(order.pop())
-        b = collate([train_examples[i] for i in idx], pad_id)
+        rank = accelerator.process_index
+        b = collate([train_examples[i] for i in idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]], pad_id)
         return {k: v.to(accelerator.device) for k, v in b.items()}
 
+    core = model  # the FirstModel; ``wrapped`` is what accelerate prepared (DDP under several processes)
+
     def make_optimizer(ph: int) -> torch.optim.Optimizer:
-        groups = [{"params": list(model.routers.parameters()), "lr": cfg.lr}]
+        groups = [{"params": list(core.routers.parameters()), "lr": cfg.lr}]
         if ph == 2:
-            lora = [p for n, p in model.base.named_parameters() if "lora_" in n]
+            lora = [p for n, p in core.base.named_parameters() if "lora_" in n]
             groups.append({"params": lora, "lr": cfg.lora_lr})
         return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
     def enter_phase2() -> None:
-        if getattr(model, "_lora", None) is None:
-            add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        if getattr(core, "_lora", None) is None:
+            add_lora(core, cfg.lora_rank, cfg.lora_alpha)
 
     if phase == 2 or (start_step >= cfg.steps and cfg.lora_steps > 0):
         phase = 2
         enter_phase2()
         if resume and (out / STATE_DIR / LORA_DIR).is_dir():
-            _load_lora_weights(model, out / STATE_DIR / LORA_DIR)
-    model.routers.to(accelerator.device)
+            _load_lora_weights(core, out / STATE_DIR / LORA_DIR)
+    core.routers.to(accelerator.device)
     optimizer = make_optimizer(phase)
     if saved is not None and saved["phase"] == phase:
         optimizer.load_state_dict(saved["optimizer"])
-    model, optimizer = accelerator.prepare(model, optimizer)
-    core: FirstModel = accelerator.unwrap_model(model)
+    wrapped, optimizer = accelerator.prepare(core, optimizer)
     core.train()
 
     t0 = time.time()
@@ -451,15 +473,19 @@ def train(model: FirstModel, train_examples: Sequence[Example], val_prompts: Seq
                         lora=False)
                 core.train()
             phase = 2
-            enter_phase2()
-            optimizer = accelerator.prepare(make_optimizer(2))
+            enter_phase2()  # new (LoRA) parameters: wrap again so that DDP synchronises them too
+            wrapped, optimizer = accelerator.prepare(accelerator.unwrap_model(wrapped), make_optimizer(2))
+            core.train()
         batch = next_batch()
-        loss, parts = training_loss(core, batch, cfg, wrapped=model)
+        factor = lr_factor(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
+        loss, parts = training_loss(core, batch, cfg, wrapped=wrapped)
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        parts.update(step=step, phase=phase)
+        parts.update(step=step, phase=phase, lr_factor=factor)
         history.append(parts)
         bar.update(1)
         if step % cfg.log_every == 0 or step == total_steps:
@@ -473,6 +499,7 @@ def train(model: FirstModel, train_examples: Sequence[Example], val_prompts: Seq
     result = TrainResult(out_dir=str(out), steps_done=step, history=history, threshold=cfg.threshold)
     if accelerator.is_main_process:
         meta = {"phase": phase, "steps": step, "train_examples": len(train_examples),
+                "processes": accelerator.num_processes,
                 "final_train": history[-1] if history else None, **(extra_meta or {})}
         result.threshold, result.val_skip_ratio = _finish(core, out, cfg, val_prompts, meta, lora=phase == 2)
         (out / "train_log.json").write_text(json.dumps(history, indent=1))
