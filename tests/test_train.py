@@ -73,6 +73,20 @@ def test_threshold_calibration_meets_budget_on_heldout(tmp_path):
     model.routers = loaded
     skip, _ = measure_skip(model, val, threshold=loaded.meta["threshold"])
     assert skip == pytest.approx(res.val_skip_ratio)
+    # starting from a threshold that already meets the budget: kept as is, one measurement only
+    import firstkit.training.trainer as tr
+    calls = {"n": 0}
+    orig = tr.measure_skip
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return orig(*a, **k)
+    tr.measure_skip = counted
+    try:
+        t, s = tr.calibrate_threshold(model, val, res.val_skip_ratio, start=loaded.meta["threshold"])
+    finally:
+        tr.measure_skip = orig
+    assert (t, s) == (loaded.meta["threshold"], pytest.approx(res.val_skip_ratio)) and calls["n"] == 1
 
 
 def test_checkpoint_round_trip_and_mismatch_refused(tmp_path):

@@ -289,13 +289,15 @@ def measure_skip(model: FirstModel, prompts: Sequence[Sequence[int]], batch_size
 
 
 def calibrate_threshold(model: FirstModel, prompts: Sequence[Sequence[int]], budget: float, iters: int = 20,
-                        batch_size: int = 8) -> tuple[float, float]:
+                        batch_size: int = 8, start: float = 0.5) -> tuple[float, float]:
     """Bisect the router threshold so the held-out average skip ratio is closest to ``budget``.
 
-    A higher threshold skips more. Returns ``(threshold, skip_ratio_at_it)``.
+    A higher threshold skips more. ``start`` is tried first and kept if it is within half a layer of the
+    budget (e.g. the threshold of ``--init-routers``: no bisection when the routers did not change).
+    Returns ``(threshold, skip_ratio_at_it)``.
     """
     lo, hi = 1e-3, 1 - 1e-3
-    best_t, best_s = 0.5, measure_skip(model, prompts, batch_size, 0.5)[0]
+    best_t, best_s = start, measure_skip(model, prompts, batch_size, start)[0]
     if abs(best_s - budget) < 0.5 / model.num_layers:
         return best_t, best_s
     # bisection on the logit scale
@@ -514,7 +516,7 @@ def _finish(model: FirstModel, directory: Path, cfg: TrainConfig, val_prompts: S
     threshold, val_skip, usage = cfg.threshold, None, None
     if val_prompts:
         if cfg.calibrate and cfg.skip_budget > 0:
-            threshold, val_skip = calibrate_threshold(model, val_prompts, cfg.skip_budget)
+            threshold, val_skip = calibrate_threshold(model, val_prompts, cfg.skip_budget, start=cfg.threshold)
         else:
             val_skip = measure_skip(model, val_prompts, threshold=threshold)[0]
         usage = measure_skip(model, val_prompts, threshold=threshold)[1]
