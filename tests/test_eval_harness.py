@@ -61,3 +61,9 @@ def test_markdown_table_relative_to_base_and_merge(tmp_path):
     assert systems.count("base") == 1 and "first@15" in systems and "first@25" in systems
     assert m["layer_usage"] == {"first@25": {"copa": [1.0, 0.5]}}
     assert plot_quality_vs_skip([a, b], tmp_path / "q.png").stat().st_size > 1000
+    # an empty label keeps the names: two runs of the same routers (e.g. mc + generation) become one table
+    g = _rep([("base", "xsum", "rougeL", 0.2, 0.0), ("first", "xsum", "rougeL", 0.1, 0.13)])
+    m = merge_reports([a, g], ["", ""])
+    assert sorted((r["system"], r["task"]) for r in m["results"]) == [
+        ("base", "copa"), ("base", "wikitext2"), ("base", "xsum"),
+        ("first", "copa"), ("first", "wikitext2"), ("first", "xsum")]

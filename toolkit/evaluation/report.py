@@ -177,11 +177,15 @@ def _compute_lines(report: dict[str, Any]) -> str:
 
 
 def merge_reports(reports: Sequence[dict[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
-    """One report from several; systems other than base get ``@label`` appended.
+    """One report from several; systems other than base get ``@label`` appended (nothing for label "").
 
     Files may share a label (e.g. multiple-choice and generation runs of the same routers): their rows
     are concatenated. ``base`` rows are kept once per (task, metric).
     """
+
+    def name(system: str, lab: str) -> str:
+        return system if system == "base" or not lab else f"{system}@{lab}"
+
     merged: dict[str, Any] = {"model": reports[0]["model"], "results": [], "layer_usage": {},
                               "main_metric": {}, "skip_by_task": {}}
     seen_shared = set()
@@ -194,11 +198,11 @@ def merge_reports(reports: Sequence[dict[str, Any]], labels: Sequence[str]) -> d
                 if key in seen_shared:
                     continue
                 seen_shared.add(key)
-            merged["results"].append({**r, "system": r["system"] if shared else f"{r['system']}@{lab}"})
+            merged["results"].append({**r, "system": name(r["system"], lab)})
         for s, d in rep.get("layer_usage", {}).items():
-            merged["layer_usage"].setdefault(s if s == "base" else f"{s}@{lab}", {}).update(d)
+            merged["layer_usage"].setdefault(name(s, lab), {}).update(d)
         for s, d in rep.get("skip_by_task", {}).items():
-            merged["skip_by_task"].setdefault(s if s == "base" else f"{s}@{lab}", {}).update(d)
+            merged["skip_by_task"].setdefault(name(s, lab), {}).update(d)
     return merged
 
 
@@ -207,15 +211,22 @@ def _cli() -> None:
 
     @click.command()
     @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-    @click.option("--labels", default=None, help="Comma-separated labels, one per file (default: file stems).")
+    @click.option("--labels", default=None,
+                  help="Comma-separated labels, one per file (default: file stems); an empty label adds no suffix.")
+    @click.option("--systems", default=None, help="Keep only these (merged) system names, comma-separated.")
     @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
-    def main(files: tuple[str, ...], labels: str | None, out_dir: str) -> None:
+    def main(files: tuple[str, ...], labels: str | None, systems: str | None, out_dir: str) -> None:
         """Merge first-eval result files into one Markdown table and plot set."""
         reps = [json.loads(Path(f).read_text()) for f in files]
         labs = labels.split(",") if labels else [Path(f).parent.name or Path(f).stem for f in files]
         if len(labs) != len(reps):
             raise click.UsageError("--labels needs one label per file")
         merged = merge_reports(reps, labs)
+        if systems:
+            keep = [s.strip() for s in systems.split(",")]
+            merged["results"] = [r for r in merged["results"] if r["system"] in keep]
+            for key in ("layer_usage", "skip_by_task"):
+                merged[key] = {s: d for s, d in merged[key].items() if s in keep}
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "merged.json").write_text(json.dumps(merged, indent=1))
