@@ -474,6 +474,10 @@ def train(model: FirstModel, train_examples: Sequence[Example], val_prompts: Seq
                                                                  "train_examples": len(train_examples)},
                         lora=False)
                 core.train()
+            if accelerator.num_processes > 1:  # phase 2 runs at the threshold the main process calibrated
+                from accelerate.utils import broadcast_object_list
+
+                core.routing = broadcast_object_list([core.routing])[0]
             phase = 2
             enter_phase2()  # new (LoRA) parameters: wrap again so that DDP synchronises them too
             wrapped, optimizer = accelerator.prepare(accelerator.unwrap_model(wrapped), make_optimizer(2))
