@@ -63,6 +63,18 @@ class Faults:
     events: list[str] = field(default_factory=list)  # what was injected (for assertions)
 
 
+def _ignores_sighup(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGHUP (Linux /proc; False when unknown)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("SigIgn:"):
+                    return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    except OSError:
+        pass
+    return False
+
+
 def _hdr(cmd: int, a0: int, a1: int, data: bytes) -> bytes:
     return struct.pack("<6I", cmd, a0, a1, len(data), 0, cmd ^ 0xFFFFFFFF) + data
 
@@ -172,8 +184,11 @@ class _Stream:
         self.acked.set()
         p = self.proc
         if p and p.poll() is None:  # like adbd: the shell dies with its connection
+            # a device shell has SIGHUP at its default; ours inherit the test process's disposition, which is
+            # "ignore" under nohup: then SIGCONT would resume a stopped runner instead of ending it
+            hup = signal.SIGKILL if _ignores_sighup(p.pid) else signal.SIGHUP
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGHUP)
+                os.killpg(p.pid, hup)
                 os.killpg(p.pid, signal.SIGCONT)
 
     def read(self, n: int) -> bytes:
