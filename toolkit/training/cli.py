@@ -88,8 +88,6 @@ def main(model_source: str, out_dir: str, skip_budget: float, steps: int, lora_s
                       router_dim=router_dim, init_bias=init_bias, warm_start=warm_start,
                       bias_spread=bias_spread, calibrate=calibrate, seed=seed,
                       save_every=save_every)
-    if init_routers:  # continue with the checkpoint's calibrated threshold, so training sees its masks
-        cfg.threshold = float(json.loads((Path(init_routers) / "router_config.json").read_text())["threshold"])
     try:
         cfg.validate()
     except ValueError as e:
@@ -108,6 +106,10 @@ def main(model_source: str, out_dir: str, skip_budget: float, steps: int, lora_s
         from firstkit.routed_model import load_model
 
         model = load_model(model_source, routers=init_routers)
+        if init_routers:  # continue with the checkpoint's calibrated threshold, so training sees its masks
+            if "threshold" not in model.routers.meta:
+                raise ValueError(f"--init-routers {init_routers}: router_config.json has no threshold")
+            cfg.threshold = model.routing.threshold
         if model.tokenizer is None:
             raise click.ClickException(f"model {model_source} has no tokenizer")
         examples = build_examples(model.tokenizer, task_list, "train", per_task, max_len, seed, data_dir)
