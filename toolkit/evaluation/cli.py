@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -29,24 +30,34 @@ DEFAULT_SYSTEMS = "base,first,static,uniform,random,last-k"
               help="Type of --task-file.")
 @click.option("--systems", default=DEFAULT_SYSTEMS, show_default=True,
               help="Comma-separated: base, first, first+lora, lora, static, uniform, random, last-k.")
-@click.option("--limit", type=int, default=10, show_default=True,
-              help="Examples per task (perplexity: windows of --ppl-window tokens).")
-@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--limit", default="10", show_default=True,
+              help="Documents per task, or 'all' (the whole split; perplexity: whole articles).")
+@click.option("--split", type=click.Choice(["test", "val", "all"]), default="test", show_default=True,
+              help="'all': every example of the data file (e.g. the whole WikiText-2 test set; parts of it "
+                   "may have trained the routers, see docs/evaluation.md).")
 @click.option("--skip-ratio", type=float, default=None,
               help="Skip ratio for static/uniform/random/last-k when 'first' is not evaluated.")
-@click.option("--ppl-window", type=int, default=256, show_default=True)
-@click.option("--max-prompt", type=int, default=384, show_default=True, help="Max prompt tokens (left-truncated).")
+@click.option("--ppl-window", type=int, default=2048, show_default=True,
+              help="Perplexity: lm-eval rolling window (tokens) over each whole article.")
+@click.option("--ppl-prompt", type=int, default=64, show_default=True,
+              help="Perplexity: the first tokens of an article that the routers see (mask frozen for the article).")
+@click.option("--max-prompt", type=int, default=384, show_default=True,
+              help="Max prompt tokens (left-truncated, as lm-eval truncates to its window).")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--bootstrap", "bootstrap_iters", type=int, default=1000, show_default=True,
+              help="Bootstrap resamples for corpus-level metrics (chrF, BLEU, perplexity) and their differences.")
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random baseline.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random baseline and the bootstrap.")
 @click.option("--threads", type=int, default=None)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Write results.json, results.md and PNG plots here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def main(model_source: str, routers_dir: str | None, lora_dir: str | None, budget: float | None,
-         task_names: tuple[str, ...], task_file: str | None, task_type: str | None, systems: str, limit: int,
-         split: str, skip_ratio: float | None, ppl_window: int, max_prompt: int, data_dir: str | None, seed: int,
-         threads: int | None, out_dir: str | None, as_json: bool, quiet: bool) -> None:
+         task_names: tuple[str, ...], task_file: str | None, task_type: str | None, systems: str, limit: str,
+         split: str, skip_ratio: float | None, ppl_window: int, ppl_prompt: int, max_prompt: int, batch_size: int,
+         bootstrap_iters: int, data_dir: str | None, seed: int, threads: int | None, out_dir: str | None,
+         as_json: bool, quiet: bool) -> None:
     """Evaluate systems on tasks at matched average skip ratio; JSON, Markdown table and plots."""
     from firstkit.evaluation.harness import SYSTEMS
     from firstkit.evaluation.tasks import TASKS, task_from_file
@@ -60,13 +71,15 @@ def main(model_source: str, routers_dir: str | None, lora_dir: str | None, budge
         raise click.UsageError("give --task NAME ... or --task-file F --task-type T (exactly one of them)")
     if task_file and not task_type:
         raise click.UsageError("--task-file needs --task-type mc|perplexity|generation")
-    if limit < 1:
-        raise click.UsageError("--limit must be >= 1")
+    n_limit = _parse_limit(limit)
     unknown = [t for t in wanted if t not in TASKS]
     if unknown:
         raise click.UsageError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
     if skip_ratio is not None and not 0 <= skip_ratio < 1:
         raise click.UsageError("--skip-ratio must be in [0, 1)")
+    if min(ppl_window, ppl_prompt, max_prompt, batch_size) < 1 or bootstrap_iters < 0:
+        raise click.UsageError("--ppl-window, --ppl-prompt, --max-prompt, --batch-size must be >= 1, --bootstrap >= 0")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval reads local JSONL only: never a hub
 
     import torch
 
@@ -90,21 +103,25 @@ def main(model_source: str, routers_dir: str | None, lora_dir: str | None, budge
                 lora_dir = str(shipped) if shipped else None
         if "first" in names and routers_dir is None:
             raise click.UsageError("system 'first' needs --routers (no shipped routers for this model)")
-        records = {t.name: t.records(None if task_file else split, data_dir) for t in tasks}
+        from firstkit.evaluation.lm_eval_tasks import cache_folder, prepare
+
+        folder = cache_folder()
+        configs = {t.name: prepare(t, None if (task_file or split == "all") else split, data_dir, folder)
+                   for t in tasks}
         t0 = time.time()
         model, routers, lora_model, lora_routers = harness.load_eval_model(model_source, routers_dir, lora_dir,
                                                                            need_lora)
         if model.tokenizer is None:
             raise click.ClickException(f"model {model_source} has no tokenizer")
         systems_map = harness.build_systems(names, model, routers, lora_model, lora_routers)
-        calibration = _calibration(model, data_dir)
-        results = harness.run_evaluation(systems_map, tasks, records, limit=limit, calibration=calibration,
-                                         skip_ratio=skip_ratio, seed=seed, progress=not quiet,
-                                         max_prompt=max_prompt, ppl_window=ppl_window)
+        results = harness.run_evaluation(systems_map, tasks, configs, limit=n_limit, skip_ratio=skip_ratio, seed=seed,
+                                         progress=not quiet, max_prompt=max_prompt, ppl_window=ppl_window,
+                                         ppl_prompt=ppl_prompt, batch_size=batch_size, data_dir=data_dir)
+        statistics = harness.compare(results, bootstrap_iters, seed)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None
-    report = _report(model, routers, model_source, routers_dir, lora_dir, tasks, results, limit, split,
-                     time.time() - t0)
+    report = _report(model, routers, model_source, routers_dir, lora_dir, tasks, results, n_limit, split,
+                     time.time() - t0) | statistics
     if out_dir:
         from firstkit.evaluation.report import write_report
 
@@ -119,21 +136,17 @@ def main(model_source: str, routers_dir: str | None, lora_dir: str | None, budge
         click.echo(markdown_table(report))
 
 
-def _calibration(model, data_dir: str | None) -> list:
-    """Calibration token ids for block influence (static baseline): WikiText-2 *train* split windows."""
-    import torch
-
-    from firstkit.evaluation.harness import perplexity_windows
-    from firstkit.evaluation.tasks import TASKS
-
+def _parse_limit(limit: str) -> int | None:
+    """``--limit``: a positive number of documents, or ``all`` (None)."""
+    if str(limit).strip().lower() == "all":
+        return None
     try:
-        recs = TASKS["wikitext2"].records("train", data_dir)
-    except FileNotFoundError:
-        recs = []
-    wins = perplexity_windows(model, recs, 4, 128) if recs else []
-    if not wins:  # no data: a neutral calibration text
-        wins = [model.tokenizer("The quick brown fox jumps over the lazy dog. " * 8).input_ids]
-    return [torch.tensor(w) for w in wins]
+        n = int(limit)
+    except ValueError:
+        raise click.UsageError("--limit must be a positive integer or 'all'") from None
+    if n < 1:
+        raise click.UsageError("--limit must be >= 1 (or 'all')")
+    return n
 
 
 def _report(model, routers, source, routers_dir, lora_dir, tasks, results, limit, split, seconds) -> dict:
@@ -161,7 +174,18 @@ def _report(model, routers, source, routers_dir, lora_dir, tasks, results, limit
         "layer_usage": usage,
         "router_compute": router_compute(model, mean_prompt, routers),
         "seconds": {r.system + "/" + r.task: round(r.seconds, 1) for r in results} | {"total": round(seconds, 1)},
+        "harness": {"lm_eval": _version("lm_eval"), "model": "firstkit (firstkit.evaluation.lm_eval_model.FirstLM)",
+                    "tasks": {t.name: "firstkit_" + t.name for t in tasks}},
     }
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,17 +1,22 @@
-"""Evaluate systems (base, FiRST routers, LoRA, static baselines) on tasks at matched skip ratios.
+"""Evaluate systems (base, FiRST routers, LoRA, static baselines) on tasks through lm-eval.
 
-A *system* is a model (base weights, or base + merged LoRA) and a mask policy (all layers, the routers,
-or a fixed set of skipped layers). For every example the mask is chosen from the prompt (prefill) and
-frozen for the rest: the continuation / choices / generated tokens.
+A *system* is a model (base weights, or base + merged LoRA) and a mask choice (all layers, the routers, or
+a fixed baseline). Every (system, task) pair runs as one lm-eval evaluation of the ``firstkit`` model
+(``lm_eval_model.FirstLM``) on the task's local config (``lm_eval_tasks``): lm-eval builds the requests
+and computes the metrics; the adapter decides the mask from each request's context and freezes it.
 
 Baselines ``static``, ``uniform``, ``random``, ``last-k`` skip ``k = round(r * L)`` layers, where ``r`` is
-the average skip ratio the ``first`` system measured on the same task (matched skip ratio).
+the average skip ratio the ``first`` system measured on the same task (matched skip ratio), or
+``--skip-ratio``. Per-example results are kept, so every score gets a standard error / 95 % interval and
+every difference between two systems a *paired* one (``stats``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,44 +24,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from firstkit import policies
-from firstkit.evaluation import metrics
+from firstkit.evaluation import stats
+from firstkit.evaluation.masks import baseline_policy
 from firstkit.evaluation.tasks import Task
 from firstkit.routed_model import FirstModel, RoutingConfig
 from firstkit.router import RouterStack
 
-__all__ = ["SYSTEMS", "MATCHED", "System", "EvalResult", "evaluate_task", "run_evaluation", "build_systems",
-           "router_compute", "forward_flops"]
+__all__ = ["SYSTEMS", "MATCHED", "LOWER_IS_BETTER", "System", "EvalResult", "evaluate_task", "run_evaluation",
+           "build_systems", "router_compute", "forward_flops", "matched_policy", "compare", "load_eval_model"]
 
 SYSTEMS = ("base", "first", "first+lora", "lora", "static", "uniform", "random", "last-k")
 MATCHED = ("static", "uniform", "random", "last-k")  # skip as many layers as `first` does on the task
-
-MaskFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | None]
+LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
+MC_EXTRA_TOKENS = 64  # window room for the answer of a multiple-choice request beyond --max-prompt
 
 
 @dataclass
 class System:
-    """A model plus a mask policy. ``policy`` None = the model's routers decide at prefill."""
+    """A model plus a mask choice: ``auto`` (its routers decide), ``all``, or a baseline with ``skip``."""
 
     name: str
     model: FirstModel
-    policy: policies.MaskPolicy | None
-
-    def mask(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """BoolTensor[B, L] for prompt ``ids`` (routers or fixed policy)."""
-        if self.policy is None:
-            if self.model.routers is None:
-                return torch.ones(ids.shape[0], self.model.num_layers, dtype=torch.bool)
-            with torch.no_grad():
-                return self.model.forward(ids, attention_mask=attention_mask, logits_to_keep=1).mask.cpu()
-        return self.policy.mask(self.model, ids, attention_mask).cpu()
+    mask: str = "auto"
+    skip: float | int | None = None
 
 
 @dataclass
 class EvalResult:
-    """Score of one system on one task."""
+    """Score of one system on one task, with the per-example items behind every metric."""
 
     system: str
     task: str
@@ -68,6 +65,9 @@ class EvalResult:
     layer_usage: list[float] = field(default_factory=list)
     seconds: float = 0.0
     mean_prompt_tokens: float = 0.0
+    doc_ids: list[int] = field(default_factory=list)
+    items: dict[str, list[Any]] = field(default_factory=dict)  # metric -> per-example items, in doc_ids order
+    chance: dict[str, float] = field(default_factory=dict)
 
     def rows(self) -> list[dict[str, Any]]:
         base = {"system": self.system, "task": self.task, "skip_ratio": round(self.skip_ratio, 6), "n": self.n}
@@ -75,149 +75,157 @@ class EvalResult:
         out += [{**base, "metric": k, "score": v} for k, v in self.extra.items()]
         return out
 
-
-def _tok(tokenizer, text: str, special: bool = True) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special).input_ids)
-
-
-def _prompt_ids(model: FirstModel, text: str, chat: bool, max_prompt: int) -> list[int]:
-    tok = model.tokenizer
-    if chat and getattr(tok, "chat_template", None):
-        s = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-        ids = _tok(tok, s, special=False)
-    else:
-        ids = _tok(tok, text)
-    return ids[-max_prompt:]
+    def scores(self) -> dict[str, float]:
+        return {self.metric: self.score, **self.extra}
 
 
-@torch.no_grad()
-def _scored_forward(system: System, ids: torch.Tensor, attn: torch.Tensor, prompt_len: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of ``ids`` [B, T] (rows share their first ``prompt_len`` tokens) under the mask decided on
-    those prompt tokens; returns ``(logits float, mask [L] of row 0)``.
+# ---------------------------------------------------------------------------------------------- metrics
+def _scaled(fn: Callable[[list[Any]], float], scale: float) -> Callable[[list[Any]], float]:
+    def agg(items: list[Any]) -> float:
+        return float(fn(items)) / scale
 
-    With routers this is one pass: the routers pool over the prompt positions only, which (causal
-    attention) equals deciding on a prompt-only prefill and then scoring with the frozen mask.
-    """
-    model = system.model
-    ids, attn = ids.to(model.device), attn.to(model.device)
-    if system.policy is None and model.routers is not None:
-        prompt_mask = torch.zeros_like(attn)
-        prompt_mask[:, :prompt_len] = 1
-        out = model.forward(ids, attention_mask=attn, prompt_mask=prompt_mask)
-        return out.logits.float(), out.mask[0].cpu()
-    mask = system.mask(ids[:1, :prompt_len])[0]
-    return model.forward(ids, attention_mask=attn, mask=mask.to(model.device)).logits.float(), mask
+    agg.__name__ = getattr(fn, "__name__", "agg")
+    return agg
 
 
-@torch.no_grad()
-def _eval_mc(system: System, task: Task, records: list[dict], max_prompt: int, bar) -> tuple[list, list, list]:
-    tok = system.model.tokenizer
-    preds, masks, plens = [], [], []
-    for r in records:
-        q = _tok(tok, r["query"])[-max_prompt:]
-        conts = [_tok(tok, " " + c, special=False) or [tok.eos_token_id or 0] for c in r["choices"]]
-        width = len(q) + max(len(c) for c in conts)
-        ids = torch.zeros(len(conts), width, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for b, c in enumerate(conts):
-            ids[b, : len(q) + len(c)] = torch.tensor(q + c)
-            attn[b, : len(q) + len(c)] = 1
-        logits, mask = _scored_forward(system, ids, attn, len(q))
-        logp = torch.log_softmax(logits, dim=-1)
-        scores = []
-        for b, c in enumerate(conts):
-            pos = torch.arange(len(q) - 1, len(q) - 1 + len(c))
-            scores.append(float(logp[b, pos, torch.tensor(c)].sum()))
-        preds.append(int(max(range(len(scores)), key=scores.__getitem__)))
-        masks.append(mask)
-        plens.append(len(q))
-        bar.update(1)
-    return preds, masks, plens
+def aggregation(metric: str) -> Callable[[list[Any]], float] | None:
+    """lm-eval's aggregation of ``metric``'s items (None = a plain mean); chrF / BLEU rescaled to [0, 1]."""
+    from lm_eval.api import metrics as m
+
+    if metric in ("perplexity", "word_perplexity", "byte_perplexity"):
+        return m.weighted_perplexity
+    if metric == "bits_per_byte":
+        return m.bits_per_byte
+    if metric == "chrf":
+        return _scaled(m.chrf, 100.0)
+    if metric == "bleu":
+        return _scaled(m.bleu, 100.0)
+    return None
 
 
-@torch.no_grad()
-def _eval_generation(system: System, task: Task, records: list[dict], max_prompt: int, bar) -> tuple[list, list, list]:
-    model, tok = system.model, system.model.tokenizer
-    outs, masks, plens = [], [], []
-    for r in records:
-        p = _prompt_ids(model, r["prompt"], task.chat, max_prompt)
-        ids = torch.tensor([p], device=model.device)
-        mask = None if system.policy is None else system.mask(ids)[0].to(model.device)
-        gen, used = model.generate(ids, max_new_tokens=task.max_new_tokens, mask=mask, return_mask=True)
-        text = tok.decode(gen[0, len(p):].tolist(), skip_special_tokens=True).strip()
-        outs.append(text.split("\n")[0].strip() if task.name == "squad" else text)
-        masks.append(used[0].cpu())
-        plens.append(len(p))
-        bar.update(1)
-    return outs, masks, plens
+def _metric_names(task: Task) -> tuple[str, list[str]]:
+    """(main metric as reported, [(report name) ...] of the extra metrics)."""
+    from firstkit.evaluation.lm_eval_tasks import _GENERATION, GENERATION_METRICS
 
-
-def perplexity_windows(model: FirstModel, records: list[dict], limit: int, window: int) -> list[list[int]]:
-    """Token windows of ``window`` tokens cut from the concatenated texts (at most ``limit``)."""
-    tok = model.tokenizer
-    out: list[list[int]] = []
-    buf: list[int] = []
-    for r in records:
-        buf += _tok(tok, "\n\n" + r["text"], special=False)
-        while len(buf) >= window and len(out) < limit:
-            out.append(buf[:window])
-            buf = buf[window:]
-        if len(out) >= limit:
-            break
-    if not out and buf:
-        out.append(buf)
-    return out
-
-
-@torch.no_grad()
-def _eval_perplexity(system: System, windows: list[list[int]], prefix: int, bar) -> tuple[float, int, list, list]:
-    model = system.model
-    nll, count, masks = 0.0, 0, []
-    for w in windows:
-        ids = torch.tensor([w], device=model.device)
-        pre = max(1, min(prefix, len(w) - 1))
-        logits, mask = _scored_forward(system, ids, torch.ones_like(ids), pre)
-        logp = torch.log_softmax(logits[0, pre - 1 : -1], dim=-1)
-        target = ids[0, pre:]
-        nll -= float(logp.gather(-1, target[:, None]).sum())
-        count += int(target.numel())
-        masks.append(mask)
-        bar.update(1)
-    return nll, count, masks, [prefix] * len(windows)
-
-
-def evaluate_task(system: System, task: Task, records: list[dict], *, limit: int, max_prompt: int = 384,
-                  ppl_window: int = 256, ppl_prefix: int = 64, progress: bool = True) -> EvalResult:
-    """Score ``system`` on the first ``limit`` records (or windows) of ``task``."""
-    t0 = time.time()
-    L = system.model.num_layers
+    if task.kind == "mc":
+        return "accuracy", ["acc_norm"]
     if task.kind == "perplexity":
-        windows = perplexity_windows(system.model, records, limit, ppl_window)
-        bar = tqdm(total=len(windows), desc=f"{system.name}/{task.name}", disable=not progress, leave=False)
-        nll, count, masks, plens = _eval_perplexity(system, windows, ppl_prefix, bar)
-        score, extra, n = metrics.perplexity(nll, count), {}, len(windows)
+        return "perplexity", ["word_perplexity", "byte_perplexity", "bits_per_byte"]
+    names = GENERATION_METRICS[_GENERATION.get(task.name, ([], "rouge"))[1]]
+    main = task.metric if task.metric in names else names[0]
+    return main, [x for x in names if x != main]
+
+
+# ---------------------------------------------------------------------------------------------- one evaluation
+_TASK_MANAGER = None
+
+
+def _task_manager():
+    global _TASK_MANAGER
+    if _TASK_MANAGER is None:
+        from lm_eval.tasks import TaskManager
+
+        _TASK_MANAGER = TaskManager(include_defaults=False)  # our configs only: no index of lm-eval's 10k tasks
+    return _TASK_MANAGER
+
+
+def _uses_chat(task: Task, model: FirstModel) -> bool:
+    return task.kind == "generation" and task.chat and bool(getattr(model.tokenizer, "chat_template", None))
+
+
+def evaluate_task(system: System, task: Task, config: dict[str, Any], *, limit: int | None, max_prompt: int = 384,
+                  ppl_window: int = 2048, ppl_prompt: int = 64, batch_size: int = 1, seed: int = 0,
+                  data_dir: str | Path | None = None, progress: bool = True) -> EvalResult:
+    """Score ``system`` on the first ``limit`` documents (None = all) of ``task`` through lm-eval."""
+    from lm_eval import simple_evaluate
+
+    from firstkit.evaluation.lm_eval_model import FirstLM
+
+    t0 = time.time()
+    if task.kind == "perplexity":
+        window = ppl_window
     else:
-        recs = records[:limit]
-        if not recs:
-            raise ValueError(f"task {task.name}: no records to evaluate")
-        bar = tqdm(total=len(recs), desc=f"{system.name}/{task.name}", disable=not progress, leave=False)
-        if task.kind == "mc":
-            preds, masks, plens = _eval_mc(system, task, recs, max_prompt, bar)
-            score, extra = metrics.accuracy(preds, [r["gold"] for r in recs]), {}
-        else:
-            outs, masks, plens = _eval_generation(system, task, recs, max_prompt, bar)
-            scored = task.score_generation(outs, [r["references"] for r in recs])
-            score = scored.pop(task.metric)
-            extra = scored
-        n = len(recs)
-    bar.close()
-    m = torch.stack([torch.as_tensor(x, dtype=torch.bool).reshape(-1) for x in masks]).double()
-    skip = float((1 - m).sum(1).mean() / L)
-    return EvalResult(system.name, task.name, task.metric, float(score), skip, n, extra, m.mean(0).tolist(),
-                      time.time() - t0, float(sum(plens) / max(1, len(plens))))
+        window = max_prompt + (task.max_new_tokens if task.kind == "generation" else MC_EXTRA_TOKENS)
+    lm = FirstLM(model=system.model, mask=system.mask, skip=system.skip, seed=seed, data_dir=data_dir,
+                 rolling_prompt=ppl_prompt, batch_size=batch_size, max_length=window, progress=progress)
+    name = config["task"]
+    with contextlib.redirect_stdout(sys.stderr):  # keep stdout for first-eval's own output (--json)
+        out = simple_evaluate(model=lm, tasks=[config], limit=limit, bootstrap_iters=0, log_samples=True,
+                              task_manager=_task_manager(), apply_chat_template=_uses_chat(task, system.model),
+                              verbosity="ERROR" if not progress else None)
+    samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
+    if not samples:
+        raise ValueError(f"task {task.name}: no records to evaluate")
+    doc_ids = [int(s["doc_id"]) for s in samples]
+    main, extras = _metric_names(task)
+    items: dict[str, list[Any]] = {}
+    if task.kind == "mc":
+        items["accuracy"] = [float(s["acc"]) for s in samples]
+        items["acc_norm"] = [float(s["acc_norm"]) for s in samples]
+        golds = [int(s["doc"]["gold"]) for s in samples]
+        chance = stats.chance_level([len(s["doc"]["choices"]) for s in samples], golds)
+    elif task.kind == "perplexity":
+        for m in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+            items[m] = [tuple(s[m]) for s in samples]
+        items["perplexity"] = [(s["word_perplexity"][0], lm.rolling_tokens[(name, d)])
+                               for s, d in zip(samples, doc_ids, strict=True)]
+        chance = {}
+    else:
+        for m in [main, *extras]:
+            items[m] = [tuple(s[m]) if isinstance(s[m], list | tuple) else float(s[m]) for s in samples]
+        chance = {}
+    values = {m: _aggregate(m, v) for m, v in items.items()}
+    L = system.model.num_layers
+    masks = torch.tensor([lm.mask_log[(name, d)] for d in doc_ids], dtype=torch.float64)
+    prompts = [lm.prompt_log[(name, d)] for d in doc_ids]
+    return EvalResult(system.name, task.name, main, values[main], float((1 - masks).sum(1).mean() / L), len(samples),
+                      {m: values[m] for m in extras}, masks.mean(0).tolist(), time.time() - t0,
+                      float(sum(prompts) / len(prompts)), doc_ids, items, chance)
 
 
+def _aggregate(metric: str, items: list[Any]) -> float:
+    agg = aggregation(metric)
+    return float(sum(items) / len(items)) if agg is None else float(agg(list(items)))
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def compare(results: Sequence[EvalResult], iters: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Intervals of every score, and paired differences of every system to ``base`` and to the strongest
+    matched baseline of the task (best main score among static / uniform / random / last-k)."""
+    intervals, diffs, chance = [], [], {}
+    by_task: dict[str, dict[str, EvalResult]] = {}
+    for r in results:
+        by_task.setdefault(r.task, {})[r.system] = r
+        if r.chance:
+            chance[r.task] = r.chance
+        for metric in r.items:
+            iv = stats.interval(r.items[metric], aggregation(metric), iters, seed)
+            intervals.append({"system": r.system, "task": r.task, "metric": metric, **iv.as_dict()})
+    for task, systems in by_task.items():
+        any_r = next(iter(systems.values()))
+        lower = any_r.metric in LOWER_IS_BETTER
+        baselines = [systems[s] for s in MATCHED if s in systems]
+        best = (min if lower else max)(baselines, key=lambda r: r.score) if baselines else None
+        for r in systems.values():
+            refs = []
+            if "base" in systems and r.system != "base":
+                refs.append(("base", systems["base"]))
+            if best is not None and r.system not in MATCHED and r.system != "base":
+                refs.append(("best_baseline", best))
+            for label, ref in refs:
+                if ref.doc_ids != r.doc_ids:
+                    raise ValueError(f"{r.system} and {ref.system} scored different examples of {task}")
+                for metric in r.items:
+                    d = stats.difference(r.items[metric], ref.items[metric], aggregation(metric), iters, seed)
+                    diffs.append({"system": r.system, "reference": label, "reference_system": ref.system,
+                                  "task": task, "metric": metric, **d.as_dict()})
+    return {"intervals": intervals, "differences": diffs, "chance": chance,
+            "statistics": {"confidence": stats.CONFIDENCE, "bootstrap_iters": iters, "seed": seed,
+                           "means": "t interval on per-example scores (paired for differences)",
+                           "corpus_metrics": "bootstrap over examples (paired for differences)"}}
+
+
+# ---------------------------------------------------------------------------------------------- systems
 def forward_flops(model: FirstModel, tokens: int) -> int:
     """Approximate FLOPs of a full (all layers) forward over ``tokens`` tokens: 2 x weights touched + attention."""
     cfg = model.config
@@ -243,27 +251,27 @@ def router_compute(model: FirstModel, prompt_tokens: float, routers: RouterStack
 
 def build_systems(names: Sequence[str], base_model: FirstModel, routers: RouterStack | None,
                   lora_model: FirstModel | None, lora_routers: RouterStack | None) -> dict[str, System]:
-    """Systems by name (matched baselines get their policy later, once ``first``'s skip ratio is known)."""
+    """Systems by name (matched baselines get their skip later, once ``first``'s skip ratio is known)."""
     out: dict[str, System] = {}
     for name in names:
         if name not in SYSTEMS:
             raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
         if name == "base":
-            out[name] = System(name, _with_routers(base_model, None), policies.AllLayers())
+            out[name] = System(name, _with_routers(base_model, None), "all")
         elif name == "first":
             if routers is None:
                 raise ValueError("system 'first' needs routers (--routers)")
-            out[name] = System(name, _with_routers(base_model, routers), None)
+            out[name] = System(name, _with_routers(base_model, routers), "auto")
         elif name == "first+lora":
             if lora_model is None or lora_routers is None:
                 raise ValueError("system 'first+lora' needs a checkpoint with a LoRA adapter (--lora-routers)")
-            out[name] = System(name, _with_routers(lora_model, lora_routers), None)
+            out[name] = System(name, _with_routers(lora_model, lora_routers), "auto")
         elif name == "lora":
             if lora_model is None:
                 raise ValueError("system 'lora' needs a checkpoint with a LoRA adapter (--lora-routers)")
-            out[name] = System(name, _with_routers(lora_model, None), policies.AllLayers())
+            out[name] = System(name, _with_routers(lora_model, None), "all")
         else:
-            out[name] = System(name, _with_routers(base_model, None), None)  # policy set per task
+            out[name] = System(name, _with_routers(base_model, None), name)  # skip set per task
     return out
 
 
@@ -278,9 +286,6 @@ def _with_routers(model: FirstModel, routers: RouterStack | None) -> FirstModel:
     return view
 
 
-_BI_CACHE: dict[int, list[float]] = {}
-
-
 def matched_policy(name: str, model: FirstModel, skip_ratio: float, calibration: Sequence[torch.Tensor],
                    seed: int = 0) -> policies.MaskPolicy:
     """Baseline skipping ``round(skip_ratio * L)`` layers (capped at the skippable count).
@@ -288,18 +293,12 @@ def matched_policy(name: str, model: FirstModel, skip_ratio: float, calibration:
     ``static`` skips the ``k`` skippable layers of lowest block influence on ``calibration``.
     """
     k = min(round(skip_ratio * model.num_layers), len(policies.skippable_layers(model)))
-    if name == "static":
-        key = id(model.base)
-        if key not in _BI_CACHE:
-            _BI_CACHE[key] = policies.block_influence(model, calibration)
-        bi = _BI_CACHE[key]
-        return policies.StaticPolicy(sorted(policies.skippable_layers(model), key=lambda i: bi[i])[:k], "static")
-    return policies.make_policy(name, model, num_skip=k, seed=seed)
+    return baseline_policy(name, model, k, calibration, seed)
 
 
-def run_evaluation(systems: dict[str, System], tasks: Sequence[Task], records: dict[str, list[dict]], *,
-                   limit: int, calibration: Sequence[torch.Tensor], skip_ratio: float | None = None,
-                   seed: int = 0, progress: bool = True, **kw) -> list[EvalResult]:
+def run_evaluation(systems: dict[str, System], tasks: Sequence[Task], configs: dict[str, dict[str, Any]], *,
+                   limit: int | None, skip_ratio: float | None = None, seed: int = 0, progress: bool = True,
+                   **kw: Any) -> list[EvalResult]:
     """Evaluate every system on every task; matched baselines follow ``first``'s per-task skip ratio."""
     results: list[EvalResult] = []
     order = [s for s in SYSTEMS if s in systems]
@@ -310,9 +309,9 @@ def run_evaluation(systems: dict[str, System], tasks: Sequence[Task], records: d
             if name in MATCHED:
                 if first_skip is None:
                     raise ValueError(f"system {name!r} needs the 'first' system or --skip-ratio to match")
-                system = System(name, system.model, matched_policy(name, system.model, first_skip,
-                                                                   calibration, seed))
-            res = evaluate_task(system, task, records[task.name], limit=limit, progress=progress, **kw)
+                k = min(round(first_skip * system.model.num_layers), len(policies.skippable_layers(system.model)))
+                system = System(name, system.model, name, k)
+            res = evaluate_task(system, task, configs[task.name], limit=limit, seed=seed, progress=progress, **kw)
             if name == "first" and skip_ratio is None:
                 first_skip = res.skip_ratio
             results.append(res)

@@ -113,7 +113,8 @@ class FirstLM(TemplateLM):
                  budget: float | None = None, seed: int = 0, data_dir: str | None = None, rolling_prompt: int = 64,
                  batch_size: int | str = 1, max_length: int | None = None, max_gen_toks: int = 256,
                  device: str | None = None, dtype: str = "float32", threads: int | None = None,
-                 add_bos_token: bool | None = None, prefix_token_id: int | None = None, **kwargs: Any) -> None:
+                 add_bos_token: bool | None = None, prefix_token_id: int | None = None, progress: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__()
         kwargs.pop("max_batch_size", None)
         if kwargs:
@@ -143,6 +144,7 @@ class FirstLM(TemplateLM):
         self.fixed = fixed_mask(fm, self.mask_name, skip, seed, data_dir)
         if self.fixed is not None:
             self.fixed = self.fixed.to(fm.device)
+        self.progress = bool(progress)
         self.rolling_prompt = int(rolling_prompt)
         if self.rolling_prompt < 1:
             raise ValueError("rolling_prompt must be >= 1")
@@ -154,6 +156,8 @@ class FirstLM(TemplateLM):
         self._decided: dict[tuple[int, ...], torch.Tensor] = {}
         #: (task name, doc id) -> mask [L] bool of the request(s) of that document (what actually ran)
         self.mask_log: dict[tuple[str | None, int | None], list[bool]] = {}
+        #: (task name, doc id) -> tokens the routers saw (the context) for that document
+        self.prompt_log: dict[tuple[str | None, int | None], int] = {}
         #: (task name, doc id) -> tokens scored by loglikelihood_rolling (for token-level perplexity)
         self.rolling_tokens: dict[tuple[str | None, int | None], int] = {}
 
@@ -233,9 +237,10 @@ class FirstLM(TemplateLM):
                 self._decided.pop(next(iter(self._decided)))
         return self._decided[key]
 
-    def _log(self, req: Instance | None, mask: torch.Tensor) -> None:
+    def _log(self, req: Instance | None, mask: torch.Tensor, prompt_tokens: int) -> None:
         if req is not None:
             self.mask_log[(req.task_name, req.doc_id)] = mask.bool().tolist()
+            self.prompt_log[(req.task_name, req.doc_id)] = int(prompt_tokens)
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -297,10 +302,11 @@ class FirstLM(TemplateLM):
             encoded.append((ctx, cont))
         items = []
         for req, (ctx, cont) in zip(requests, encoded, strict=True):
-            mask = self.decide(self._context_in_window(ctx, cont))
-            self._log(req, mask)
+            seen = self._context_in_window(ctx, cont)
+            mask = self.decide(seen)
+            self._log(req, mask, len(seen))
             items.append((ctx, cont, mask))
-        bar = tqdm(total=len(items), disable=disable_tqdm, desc="firstkit loglikelihood")
+        bar = tqdm(total=len(items), disable=disable_tqdm or not self.progress, desc="firstkit loglikelihood")
         res = self._score(items, bar)
         bar.close()
         for req, answer in zip(requests, res, strict=True):
@@ -309,13 +315,14 @@ class FirstLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         out = []
-        for req in tqdm(requests, disable=disable_tqdm, desc="firstkit loglikelihood_rolling"):
+        for req in tqdm(requests, disable=disable_tqdm or not self.progress, desc="firstkit loglikelihood_rolling"):
             (string,) = req.args
             tokens = self.tok_encode(string)
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
                 token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)]
-            mask = self.decide(([self.prefix_token_id] + tokens)[: self.rolling_prompt])
-            self._log(req, mask)
+            prompt = ([self.prefix_token_id] + tokens)[: self.rolling_prompt]
+            mask = self.decide(prompt)
+            self._log(req, mask, len(prompt))
             self.rolling_tokens[(req.task_name, req.doc_id)] = len(tokens)
             total = sum(ll for ll, _ in self._score([(ctx, cont, mask) for ctx, cont in windows]))
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
@@ -330,7 +337,7 @@ class FirstLM(TemplateLM):
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(repr(sorted(req.args[1].items(), key=lambda kv: kv[0])), []).append(i)
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="firstkit generate_until")
+        bar = tqdm(total=len(requests), disable=disable_tqdm or not self.progress, desc="firstkit generate_until")
         for idx in groups.values():
             kwargs = normalize_gen_kwargs(requests[idx[0]].args[1], self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
@@ -387,8 +394,8 @@ class FirstLM(TemplateLM):
             mask = None  # the routers decide in this prefill, per row, over the prompt tokens
         out = model.forward(ids, attention_mask=attn, mask=mask, cache=cache, logits_to_keep=1)
         frozen = out.mask
-        for req, row in zip(reqs, frozen, strict=True):
-            self._log(req, row)
+        for req, row, n in zip(reqs, frozen, attn.sum(1).tolist(), strict=True):
+            self._log(req, row, n)
         positions = (attn.cumsum(-1) - 1).clamp(min=0)[:, -1:]
         logits = out.logits[:, -1, :]
         gen: list[list[int]] = [[] for _ in contexts]

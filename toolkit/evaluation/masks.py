@@ -60,15 +60,18 @@ def skip_count(model: FirstModel, skip: float | int) -> int:
 
 
 def baseline_policy(name: str, model: FirstModel, skip: float | int, calibration: Sequence[torch.Tensor] | None = None,
-                    seed: int = 0) -> policies.StaticPolicy:
-    """``static`` | ``uniform`` | ``random`` | ``last-k`` skipping ``skip_count(model, skip)`` layers."""
+                    seed: int = 0, data_dir: str | Path | None = None) -> policies.StaticPolicy:
+    """``static`` | ``uniform`` | ``random`` | ``last-k`` skipping ``skip_count(model, skip)`` layers.
+
+    ``static`` ranks layers by block influence on ``calibration`` (default ``calibration_windows``), once
+    per base model."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
     k = skip_count(model, skip)
     if name == "static":
         key = id(model.base)
         if key not in _BI_CACHE:
-            _BI_CACHE[key] = policies.block_influence(model, calibration or calibration_windows(model))
+            _BI_CACHE[key] = policies.block_influence(model, calibration or calibration_windows(model, data_dir))
         bi = _BI_CACHE[key]
         return policies.StaticPolicy(sorted(policies.skippable_layers(model), key=lambda i: bi[i])[:k], "static")
     pol = policies.make_policy(name, model, num_skip=k, seed=seed)
@@ -86,8 +89,7 @@ def fixed_mask(model: FirstModel, mask: str, skip: float | int | None = None, se
     if mask in BASELINES:
         if skip is None:
             raise ValueError(f"mask={mask} needs skip= (a ratio in [0, 1) or a number of layers)")
-        calib = calibration_windows(model, data_dir) if mask == "static" else None
-        pol = baseline_policy(mask, model, skip, calib, seed)
+        pol = baseline_policy(mask, model, skip, None, seed, data_dir)
         return pol.mask(model, torch.tensor([[0]]))[0].cpu()
     if set(mask) <= {"0", "1"} and mask:
         return model.mask_tensor(mask)[0].cpu()

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown_table", "plot_quality_vs_skip", "plot_layer_usage", "write_report", "merge_reports"]
+__all__ = ["markdown_table", "differences_table", "plot_quality_vs_skip", "plot_layer_usage", "write_report",
+           "merge_reports"]
 
-_LOWER_IS_BETTER = {"perplexity"}
+_LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
 
 
 def _main_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -22,12 +23,28 @@ def _main_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in report["results"] if main.get(r["task"], r["metric"]) == r["metric"]]
 
 
+def _index(report: dict[str, Any], key: str) -> dict[tuple, dict[str, Any]]:
+    out = {}
+    for d in report.get(key) or []:
+        k = (d["system"], d["task"], d["metric"]) if key == "intervals" else \
+            (d["system"], d["reference"], d["task"], d["metric"])
+        out[k] = d
+    return out
+
+
+def _fmt(metric: str, x: float) -> str:
+    return f"{x:.2f}" if metric in _LOWER_IS_BETTER else f"{x:.3f}"
+
+
 def markdown_table(report: dict[str, Any]) -> str:
-    """Tasks x systems: ``score (skip %)``; last line per task: percent of base quality where known."""
+    """Tasks x systems: ``score ±half-width of the 95 % interval (percent of base) / skip %``; the task label
+    carries n and, for accuracy, the chance level. Differences to base and to the strongest baseline follow."""
     rows = _main_rows(report)
     systems = list(dict.fromkeys(r["system"] for r in rows))
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     cell = {(r["task"], r["system"]): r for r in rows}
+    intervals = _index(report, "intervals")
+    chance = report.get("chance") or {}
     head = "| task (metric, n) | " + " | ".join(systems) + " |"
     sep = "|---|" + "---|" * len(systems)
     lines = [head, sep]
@@ -41,7 +58,10 @@ def markdown_table(report: dict[str, Any]) -> str:
             if r is None:
                 out.append("")
                 continue
-            txt = f"{r['score']:.2f}" if metric == "perplexity" else f"{r['score']:.3f}"
+            txt = _fmt(metric, r["score"])
+            iv = intervals.get((s, t, metric))
+            if iv is not None and iv["ci_high"] == iv["ci_high"]:  # not nan
+                txt += f" ±{_fmt(metric, (iv['ci_high'] - iv['ci_low']) / 2)}"
             if base is not None and s != "base" and base["score"]:
                 if metric in _LOWER_IS_BETTER:
                     rel = 100.0 * (r["score"] / base["score"] - 1)
@@ -50,9 +70,45 @@ def markdown_table(report: dict[str, Any]) -> str:
                     txt += f" ({100.0 * r['score'] / base['score']:.0f}%)"
             txt += f" / {100 * r['skip_ratio']:.0f}%"
             out.append(txt)
-        lines.append(f"| {t} ({metric}, n={any_row['n']}) | " + " | ".join(out) + " |")
+        label = f"{t} ({metric}, n={any_row['n']}"
+        if t in chance:
+            label += f", chance {chance[t]['chance']:.2f}"
+        lines.append(f"| {label}) | " + " | ".join(out) + " |")
     lines.append("")
-    lines.append("Cells: score (percent of base quality, or perplexity change) / average skip ratio.")
+    lines.append("Cells: score" + (" ±half-width of its 95 % interval" if intervals else "")
+                 + " (percent of base quality, or perplexity change) / average skip ratio."
+                 + (" Chance: accuracy of a uniform random guess." if chance else ""))
+    diffs = differences_table(report)
+    return "\n".join(lines) + "\n" + ("\n" + diffs if diffs else "")
+
+
+def differences_table(report: dict[str, Any]) -> str:
+    """Main-metric differences (system - reference) with 95 % intervals; ``*`` where the interval excludes 0."""
+    main = report.get("main_metric", {})
+    diffs = [d for d in report.get("differences") or [] if main.get(d["task"], d["metric"]) == d["metric"]]
+    if not diffs:
+        return ""
+    by = _index({"differences": diffs}, "differences")
+    keys = list(dict.fromkeys((d["task"], d["system"]) for d in diffs))
+
+    def cell(d: dict[str, Any] | None, named: bool) -> str:
+        if d is None:
+            return ""
+        m = d["metric"]
+        sig = "*" if d["ci_low"] > 0 or d["ci_high"] < 0 else ""
+        txt = f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]{sig}"
+        if m in _LOWER_IS_BETTER:
+            txt = f"{d['value']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]{sig}"
+        return f"{d['reference_system']}: {txt}" if named else txt
+
+    lines = ["| task (metric) | system | - base [95 % CI] | - strongest baseline [95 % CI] |", "|---|---|---|---|"]
+    for t, s in keys:
+        m = main.get(t, next(d["metric"] for d in diffs if d["task"] == t))
+        lines.append(f"| {t} ({m}) | {s} | {cell(by.get((s, 'base', t, m)), False)} | "
+                     f"{cell(by.get((s, 'best_baseline', t, m)), True)} |")
+    lines.append("")
+    lines.append("Differences over the same examples (paired); * = the 95 % interval excludes 0. Perplexity: lower "
+                 "is better, so a negative difference is an improvement.")
     return "\n".join(lines) + "\n"
 
 
@@ -187,8 +243,10 @@ def merge_reports(reports: Sequence[dict[str, Any]], labels: Sequence[str]) -> d
         return system if system == "base" or not lab else f"{system}@{lab}"
 
     merged: dict[str, Any] = {"model": reports[0]["model"], "results": [], "layer_usage": {},
-                              "main_metric": {}, "skip_by_task": {}}
+                              "main_metric": {}, "skip_by_task": {}, "intervals": [], "differences": [],
+                              "chance": {}}
     seen_shared = set()
+    seen_iv = set()
     for rep, lab in zip(reports, labels, strict=True):
         merged["main_metric"].update(rep.get("main_metric", {}))
         for r in rep["results"]:
@@ -199,6 +257,15 @@ def merge_reports(reports: Sequence[dict[str, Any]], labels: Sequence[str]) -> d
                     continue
                 seen_shared.add(key)
             merged["results"].append({**r, "system": name(r["system"], lab)})
+        merged["chance"].update(rep.get("chance") or {})
+        for iv in rep.get("intervals") or []:
+            key = (iv["system"], iv["task"], iv["metric"])
+            if iv["system"] != "base" or key not in seen_iv:
+                merged["intervals"].append({**iv, "system": name(iv["system"], lab)})
+            seen_iv.add(key)
+        for d in rep.get("differences") or []:
+            merged["differences"].append({**d, "system": name(d["system"], lab),
+                                          "reference_system": name(d["reference_system"], lab)})
         for s, d in rep.get("layer_usage", {}).items():
             merged["layer_usage"].setdefault(name(s, lab), {}).update(d)
         for s, d in rep.get("skip_by_task", {}).items():
