@@ -147,7 +147,20 @@ def test_eval_cli_json_schema_all_systems(tiny_dir, trained, tmp_path):
     assert report["router_compute"]["router_percent_of_forward"] > 0
     for name in ("results.json", "results.md", "quality_vs_skip.png", "layer_usage.png"):
         assert (tmp_path / "ev" / name).is_file()
-    assert "| copa (accuracy, n=2) |" in (tmp_path / "ev" / "results.md").read_text()
+    md = (tmp_path / "ev" / "results.md").read_text()
+    assert "| copa (accuracy, n=2, chance 0.50) |" in md and "strongest baseline" in md
+    # statistics beside the unchanged rows: an interval for every row, paired differences, chance
+    ivs = {(x["system"], x["task"], x["metric"]) for x in report["intervals"]}
+    assert ivs == set(rows)
+    for x in report["intervals"]:
+        assert {"value", "stderr", "ci_low", "ci_high", "n", "method"} <= set(x)
+    diffs = {(d["system"], d["reference"], d["task"], d["metric"]) for d in report["differences"]}
+    for s, t, m in rows:
+        if s != "base":
+            assert (s, "base", t, m) in diffs
+        if s in ("first", "first+lora", "lora"):
+            assert (s, "best_baseline", t, m) in diffs
+    assert report["chance"]["copa"]["chance"] == 0.5 and report["harness"]["lm_eval"] == "0.4.13"
 
 
 def test_eval_cli_task_file_and_errors(tiny_dir, trained, tmp_path):
