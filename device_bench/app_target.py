@@ -33,17 +33,19 @@ from .adb import Adb, AdbError
 from .bench import (
     AdbTarget,
     BenchError,
+    BenchInterrupted,
     Bundle,
     References,
     Settings,
     TargetReport,
     check_masks,
     check_prompt_fits,
+    check_stop,
     make_prompt,
     mask_override,
     remaining_runs,
 )
-from .store import RECORD_SCHEMA, ResultStore
+from .store import RECORD_SCHEMA, ResultStore, record_error
 
 PACKAGE = "org.firstkit.demo"
 ACTIVITY = ".BenchmarkActivity"
@@ -220,11 +222,14 @@ class AppTarget(AdbTarget):
             return "done", status
         return ("dead", None) if "FIRSTKIT_APP_DEAD" in text else ("running", None)
 
-    def wait(self, timeout: float, log: Callable[[str], None]) -> tuple[str, dict | None]:
-        """Poll until the status file appears, the app process is gone, or ``timeout`` s pass."""
+    def wait(self, timeout: float, log: Callable[[str], None], stop=None) -> tuple[str, dict | None]:
+        """Poll until the status file appears, the app process is gone, ``timeout`` s pass or ``stop`` is set
+        (state ``interrupted``)."""
         deadline = time.monotonic() + timeout
         dead = 0
         while True:
+            if stop is not None and stop.is_set():
+                return "interrupted", None
             try:
                 state, status = self.poll()
             except AdbError as e:
@@ -250,6 +255,9 @@ class AppTarget(AdbTarget):
             self.adb.shell(["am", "force-stop", self.package], timeout=60)
         except AdbError:
             pass
+
+    def abort(self) -> None:
+        pass  # wait() sees the stop request within one poll and force-stops the app
 
     def results(self) -> list[str] | None:
         """The lines of ``out`` (None when the app wrote none)."""
@@ -308,6 +316,7 @@ def bench_app(target: AppTarget, bundle: Bundle, s: Settings, store: ResultStore
             prompt = make_prompt(bundle, plen, facts["vocab_size"], facts["bos_id"], s.prompt_text)
             for th in s.threads:
                 for spec in s.masks:
+                    check_stop(s)
                     rec0 = {**base_rec, "mask_spec": spec, "prompt_len": plen, "threads": th}
                     remaining = remaining_runs(s, rec0, done, rep, progress)
                     if remaining <= 0:
@@ -318,6 +327,7 @@ def bench_app(target: AppTarget, bundle: Bundle, s: Settings, store: ResultStore
                     if err:
                         rep.errors.append(f"{target.name}: app, mask {spec}, pp {plen}, {th} threads: {err}")
     except (BenchError, AdbError) as e:
+        rep.interrupted = isinstance(e, BenchInterrupted)
         msg = str(e)
         rep.errors.append(msg if msg.startswith(target.name) else f"{target.name}: {msg}")
     finally:
@@ -343,9 +353,12 @@ def _run_app_config(target: AppTarget, s: Settings, store: ResultStore, rec0: di
                   ("out", target.out_rel)]
         target.remove_outputs()
         target.start(extras)
-        state, status = target.wait(s.timeout, log)
+        state, status = target.wait(s.timeout, log, s.stop)
         err, retry = None, False
-        if state == "timeout":
+        if state == "interrupted":
+            target.force_stop()
+            err = "interrupted"
+        elif state == "timeout":
             target.force_stop()
             err, retry = f"the app did not finish within {s.timeout:.0f} s (hung?) and was force-stopped", True
         elif state == "dead":
@@ -369,8 +382,12 @@ def _run_app_config(target: AppTarget, s: Settings, store: ResultStore, rec0: di
             if why:
                 return f"malformed result from the app (line {i + 1}): {why}; nothing stored"
             match = None if expected is None else (res["tokens"] == expected)
-            recs.append({**rec0, "run_index": run_index + len(recs), "result": res, "tokens_match": match,
-                         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            rec = {**rec0, "run_index": run_index + len(recs), "result": res, "tokens_match": match,
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            why = record_error(rec)  # what the store accepts on read (strict integers)
+            if why:
+                return f"malformed result from the app (line {i + 1}): {why}; nothing stored"
+            recs.append(rec)
         if state == "done" and status is not None and status.get("runs") != len(recs):
             return (f"malformed result from the app: the status says {status.get('runs')} run(s), "
                     f"{len(recs)} line(s) were written; nothing stored")
@@ -380,6 +397,9 @@ def _run_app_config(target: AppTarget, s: Settings, store: ResultStore, rec0: di
         run_index += got
         if progress and got:
             progress(got)
+        if state == "interrupted":
+            raise BenchInterrupted(f"{target.name}: interrupted during app, mask {spec}, pp {plen}, {threads} "
+                                   f"threads: the app was force-stopped, {got} finished run(s) stored; rerun to resume")
         if err is None and remaining > 0:
             err = f"the app finished without writing {remaining} run(s)"
         if err:

@@ -7,6 +7,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -17,17 +18,75 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from firstkit.hashing import sha256_file
-from firstkit.runtime.bundle import TOKENIZER_DIR, BundleError, manifest_sha256, read_manifest
+from firstkit.runtime.bundle import (
+    MANIFEST,
+    TOKENIZER_DIR,
+    BundleError,
+    listed_files,
+    load_tokenizer,
+    manifest_sha256,
+    one_line,
+    read_manifest,
+)
 
 from .adb import Adb, AdbError, quote_cmd
 from .build_runner import BuildError, RunnerPackage, build, host_target, target_for_abi
-from .store import RECORD_SCHEMA, ResultStore, config_key
+from .store import RECORD_SCHEMA, ResultStore, config_key, record_error
 
 SIGNAMES = {getattr(signal, n): n for n in dir(signal) if n.startswith("SIG") and not n.startswith("SIG_")}
+OWNER_FILE = "owner.json"  # in every device session folder: which first-bench (host, pid) it belongs to
+
+
+def _pid_alive(pid: object) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _records_from_out(local: Path, rec0: dict, run_index: int, expected: list[int] | None,
+                      run_id: str) -> tuple[list[dict], list[str]]:
+    """Bench records from a runner's ``--out`` file, and why lines were refused (a torn last line is not).
+
+    Each record gets ``run_id`` = ``<session>/<tag>#<line>``, so a run collected twice is stored once.
+    """
+    recs: list[dict] = []
+    bad: list[str] = []
+    lines = local.read_text(encoding="utf-8", errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            res = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # torn line of a run that did not finish
+        match = None if expected is None or not isinstance(res, dict) else (res.get("tokens") == expected)
+        rec = {**rec0, "run_index": run_index + len(recs), "result": res, "tokens_match": match,
+               "run_id": f"{run_id}#{i}", "time": _now()}
+        why = record_error(rec)
+        if why:
+            bad.append(f"malformed result from the runner (line {i + 1}: {why}); not stored")
+            continue
+        recs.append(rec)
+    return recs, bad
 
 
 class BenchError(RuntimeError):
     """A clear, one-line failure (bad bundle, device gone, runner crash...)."""
+
+
+class BenchInterrupted(BenchError):
+    """SIGINT/SIGTERM: the current runner was killed, finished runs are stored, nothing else starts."""
 
 
 # ----------------------------------------------------------------------------------------------- bundle
@@ -36,21 +95,30 @@ class Bundle:
     path: Path
     manifest: dict
     sha256: str                 # sha256 of manifest.json: the bundle's identity
-    files: list[str]            # relative paths the native runner needs (pushed to devices)
+    files: list[str]            # relative paths the native runner needs (pushed to devices), all listed
     pte: str
     num_layers: int | None
     protected: list[int] = field(default_factory=list)
+    tokenizer: object | None = None  # the bundle's tokenizer (listed files only), None without one
+
+    def hashes(self) -> dict[str, str]:
+        """sha256 each pushed file must have: the manifest's, and the manifest's own identity."""
+        listed = self.manifest["files"]
+        return {r: (self.sha256 if r == MANIFEST else listed[r]["sha256"]) for r in self.files}
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
     """Check a bundle before anything is pushed: the manifest's schema, and every listed file's size and sha256.
 
-    The checks are ``firstkit.runtime.bundle.read_manifest``'s (the same as ``first-run``'s); the native
-    runner needs the ExecuTorch program, so a bundle without one is refused too.
+    The checks are ``firstkit.runtime.bundle.read_manifest``'s (the same as ``first-run``'s: every listed file
+    a regular file inside the bundle with its size and sha256); the native runner needs the ExecuTorch program,
+    so a bundle without one is refused too. Only listed files are ever pushed: the manifest, the program and
+    the listed ``tokenizer/`` files (which must load as a tokenizer).
     """
     p = Path(path)
     try:
         manifest = read_manifest(p, check_hashes=True)
+        tokenizer = load_tokenizer(p, manifest)
     except BundleError as e:
         raise BenchError(str(e)) from None
     ex = manifest["backends"].get("executorch")
@@ -58,13 +126,10 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         raise BenchError(f"bundle {p} has no ExecuTorch program (backends: {', '.join(manifest['backends'])}); "
                          "export it with --backend executorch")
     pte = ex["file"]
-    files = ["manifest.json", pte]
-    tok = p / TOKENIZER_DIR
-    if tok.is_dir():
-        files += sorted(str(f.relative_to(p)) for f in tok.rglob("*") if f.is_file())
+    files = [MANIFEST, pte, *listed_files(manifest, TOKENIZER_DIR + "/")]
     protected = [int(i) for i in manifest["routing"]["protected_layers"]]
     return Bundle(p.resolve(), manifest, manifest_sha256(p), files, pte, int(manifest["model"]["num_layers"]),
-                  protected)
+                  protected, tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -79,19 +144,17 @@ DEFAULT_PROMPT_TEXT = (
 def make_prompt(bundle: Bundle, length: int, vocab_size: int, bos_id: int, text: str | None = None) -> list[int]:
     """``length`` token ids: the bundle's tokenizer on a fixed English text (repeated), else fixed ids."""
     ids: list[int] = []
-    tok_dir = bundle.path / "tokenizer"
-    if tok_dir.is_dir():
+    if bundle.tokenizer is not None:
         try:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(tok_dir))
-            base = tok.encode(text or DEFAULT_PROMPT_TEXT, add_special_tokens=False)
-            if base:
-                ids = [bos_id] if bos_id >= 0 else []
-                while len(ids) < length:
-                    ids += base
-        except Exception:  # noqa: BLE001 - fall back to synthetic ids
-            ids = []
+            base = bundle.tokenizer.encode(text or DEFAULT_PROMPT_TEXT, add_special_tokens=False)
+        except Exception as e:  # noqa: BLE001 - load_bundle checked it loads; the text may still fail
+            raise BenchError(f"the bundle's tokenizer cannot encode the prompt text ({one_line(e, 160)})") from None
+        if vocab_size > 0 and any(not 0 <= t < vocab_size for t in base):
+            raise BenchError(f"the bundle's tokenizer produced token ids outside the vocabulary ({vocab_size})")
+        if base:
+            ids = [bos_id] if bos_id >= 0 else []
+            while len(ids) < length:
+                ids += base
     if not ids:
         lo = 3 if vocab_size > 16 else 0
         ids = ([bos_id] if 0 <= bos_id < vocab_size else []) + [
@@ -128,6 +191,13 @@ class Target:
     def online(self) -> bool:
         return True
     def cleanup(self, purge: bool) -> None: ...
+    def abort(self) -> None:
+        """Kill the runner that is running now, if any (called from another thread on SIGINT/SIGTERM)."""
+    def remove(self, paths: list[str]) -> None:
+        """Delete files of this session (best effort)."""
+    def collect_orphans(self, store: ResultStore, log: Callable[[str], None]) -> int:
+        """Store the finished runs an earlier, lost session left behind, then remove it; returns runs stored."""
+        return 0
 
 
 class LocalTarget(Target):
@@ -158,14 +228,25 @@ class LocalTarget(Target):
     def run(self, argv: list[str], env: dict[str, str], timeout: float) -> RunOutcome:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
                                 env={**os.environ, **env}, start_new_session=True, stdin=subprocess.DEVNULL)
+        self._proc = proc
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
             return RunOutcome(-9, out, err, timed_out=True)
+        finally:
+            self._proc = None
         rc = proc.returncode
         return RunOutcome(128 - rc if rc < 0 else rc, out, err)
+
+    def abort(self) -> None:
+        proc = getattr(self, "_proc", None)
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: the terminal's Ctrl-C never reached it
+            except ProcessLookupError:
+                pass
 
     def fetch(self, remote: str, local: Path) -> bool:
         if not os.path.exists(remote):
@@ -175,6 +256,13 @@ class LocalTarget(Target):
 
     def kill(self, pidfile: str) -> None:
         pass  # the process group was killed in run()
+
+    def remove(self, paths: list[str]) -> None:
+        for path in paths:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
 
     def cleanup(self, purge: bool) -> None:
         if self._session:
@@ -192,7 +280,8 @@ class AdbTarget(Target):
         self.base = device_dir
         self.reconnect_s = reconnect_s
         self.session = f"session-{uuid.uuid4().hex[:12]}"
-        self._prepared: list[str] = []
+        self._prepared: list[str] = []  # the bundle and runner folders this session uses (--purge removes them)
+        self._running_pidfile: str | None = None
 
     def probe(self) -> None:
         if self.adb.state() != "device":
@@ -242,12 +331,20 @@ class AdbTarget(Target):
                 out[parts[1].lstrip("*").strip()] = parts[0]
         return out
 
-    def _sync(self, local_root: Path, rel: list[str], remote_root: str, log: Callable[[str], None]) -> int:
-        """Push the files whose sha256 differs on the device; verify after pushing. Returns files pushed."""
-        want = {f"{remote_root}/{r}": sha256_file(local_root / r) for r in rel}
+    def _sync(self, local_root: Path, rel: list[str], remote_root: str, log: Callable[[str], None],
+              expected: dict[str, str] | None = None) -> int:
+        """Push the files whose sha256 differs on the device; verify after pushing. Returns files pushed.
+
+        ``expected``: the sha256 each file must have (the bundle's manifest); a local file that no longer has
+        it (changed since the bundle was checked) is refused, never pushed.
+        """
+        want = {f"{remote_root}/{r}": (expected or {}).get(r) or sha256_file(local_root / r) for r in rel}
         have = self._remote_hashes(list(want))
         todo = [(r, f"{remote_root}/{r}") for r in rel if have.get(f"{remote_root}/{r}") != want[f"{remote_root}/{r}"]]
         for r, remote in todo:
+            if expected is not None and sha256_file(local_root / r) != want[remote]:
+                raise BenchError(f"{local_root}: {r} changed since the bundle was checked (sha256 differs from the "
+                                 "manifest); not pushed")
             log(f"push {r}")
             self.adb.push(str(local_root / r), remote)
         if todo:
@@ -260,11 +357,14 @@ class AdbTarget(Target):
     def prepare(self, bundle: Bundle, pkg: RunnerPackage, log: Callable[[str], None]) -> tuple[str, str]:
         rbundle = f"{self.base}/bundles/{bundle.sha256[:16]}"
         rrunner = f"{self.base}/runners/{pkg.path.name}"
+        self._prepared = [rbundle, rrunner]
         self.adb.shell(["mkdir", "-p", self._session, rbundle, rrunner], timeout=30, check=True)
-        for local_root, rel, remote_root in ((pkg.path, [str(f) for f in pkg.files()], rrunner),
-                                             (bundle.path, bundle.files, rbundle)):
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self.write_text(f"{self._session}/{OWNER_FILE}", json.dumps(owner))
+        for local_root, rel, remote_root, expected in ((pkg.path, [str(f) for f in pkg.files()], rrunner, None),
+                                                       (bundle.path, bundle.files, rbundle, bundle.hashes())):
             try:
-                n = self._sync(local_root, rel, remote_root, log)
+                n = self._sync(local_root, rel, remote_root, log, expected)
             except AdbError as e:
                 # never leave a half-pushed folder behind: it would look cached next time
                 try:
@@ -287,13 +387,21 @@ class AdbTarget(Target):
 
     def run(self, argv: list[str], env: dict[str, str], timeout: float) -> RunOutcome:
         cmd = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + quote_cmd(argv)
+        self._running_pidfile = env.get("FIRSTKIT_PIDFILE")
         try:
             r = self.adb.shell(cmd, timeout=timeout)
         except AdbError as e:
             if e.kind == "timeout":
                 return RunOutcome(-9, "", str(e), timed_out=True)
             raise
+        finally:
+            self._running_pidfile = None
         return RunOutcome(r.returncode, r.stdout, r.stderr)
+
+    def abort(self) -> None:
+        pidfile = self._running_pidfile
+        if pidfile:
+            self.kill(pidfile)
 
     def fetch(self, remote: str, local: Path) -> bool:
         r = self.adb.shell(f"test -f {shlex.quote(remote)}", timeout=30)
@@ -309,6 +417,12 @@ class AdbTarget(Target):
         except AdbError:
             pass
 
+    def remove(self, paths: list[str]) -> None:
+        try:
+            self.adb.shell(["rm", "-f", *paths], timeout=30)
+        except AdbError:
+            pass  # the records carry run_id: a file collected again is not stored twice
+
     def recover(self) -> bool:
         return self.adb.wait_online(self.reconnect_s)
 
@@ -321,11 +435,82 @@ class AdbTarget(Target):
             return False
 
     def cleanup(self, purge: bool) -> None:
-        paths = [self.base] if purge else [self._session]
+        """Remove this session's folder; with ``purge`` also the bundle and runner folders it used, and the
+        ``bundles``/``runners``/device folder when that leaves them empty (never anything else there)."""
+        paths = [self._session, *(self._prepared if purge else [])]
         try:
             self.adb.shell(["rm", "-rf", *paths], timeout=60, check=True)
+            if purge and self.base:
+                parents = [f"{self.base}/bundles", f"{self.base}/runners", self.base]
+                self.adb.shell(f"rmdir {quote_cmd(parents)} 2>/dev/null; true", timeout=60)
         except AdbError as e:
             raise BenchError(f"device {self.name}: could not clean {paths[0]}: {e}") from e
+
+    def collect_orphans(self, store: ResultStore, log: Callable[[str], None]) -> int:
+        """Finished runs of earlier sessions whose first-bench is gone (device lost, process killed): every
+        ``out-*.jsonl`` with its ``.meta.json`` is stored (runs already in the store, by ``run_id``, are not
+        stored twice), then the session folder is removed. Sessions of a live first-bench on this host, or of
+        another host, are left alone."""
+        if not self.base:
+            return 0
+        q = shlex.quote(self.base)
+        script = (f'for d in {q}/session-*/; do [ -d "$d" ] || continue; echo "DIR $d"; '
+                  f'if [ -f "${{d}}{OWNER_FILE}" ]; then echo "OWNER $(cat "${{d}}{OWNER_FILE}")"; fi; '
+                  'for f in "$d"out-*.jsonl; do [ -f "$f" ] && echo "OUT $f"; done; done; true')
+        r = self.adb.shell(script, timeout=60)
+        sessions: dict[str, dict] = {}
+        cur = None
+        for line in r.stdout.splitlines():
+            kind, _, rest = line.partition(" ")
+            if kind == "DIR":
+                cur = rest.rstrip("/")
+                sessions[cur] = {"owner": None, "outs": []}
+            elif cur is not None and kind == "OWNER":
+                try:
+                    sessions[cur]["owner"] = json.loads(rest)
+                except json.JSONDecodeError:
+                    pass
+            elif cur is not None and kind == "OUT":
+                sessions[cur]["outs"].append(rest)
+        stored = 0
+        host = socket.gethostname()
+        for sdir, info in sessions.items():
+            if sdir == self._session:
+                continue
+            owner = info["owner"] if isinstance(info["owner"], dict) else {}
+            if owner.get("host") not in (None, host):
+                continue  # another host's first-bench may still be running there
+            if owner.get("host") == host and _pid_alive(owner.get("pid")):
+                continue  # a live first-bench on this host
+            n = self._collect_session(sdir, info["outs"], store)
+            stored += n
+            self.adb.shell(["rm", "-rf", sdir], timeout=60)
+            log(f"{self.name}: earlier session {sdir.rsplit('/', 1)[-1]} (its first-bench is gone): "
+                f"{n} finished run(s) stored, folder removed")
+        return stored
+
+    def _collect_session(self, sdir: str, outs: list[str], store: ResultStore) -> int:
+        have = {r.get("run_id") for r in store.records()}
+        recs: list[dict] = []
+        with tempfile.TemporaryDirectory() as td:
+            for i, remote in enumerate(outs):
+                meta_remote = remote.removesuffix(".jsonl") + ".meta.json"
+                lo, lm = Path(td) / f"{i}.jsonl", Path(td) / f"{i}.meta.json"
+                if not (self.fetch(meta_remote, lm) and self.fetch(remote, lo)):
+                    continue  # no description of what ran: nothing to store it under
+                try:
+                    meta = json.loads(lm.read_text())
+                    rec0, base_index = dict(meta["record"]), int(meta["run_index"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                got, _ = _records_from_out(lo, rec0, base_index, meta.get("expected"), str(meta.get("run_id", remote)))
+                done = store.counts().get(config_key(rec0), 0) + sum(config_key(r) == config_key(rec0) for r in recs)
+                for rec in got:
+                    if rec["run_id"] not in have:
+                        rec["run_index"] = done
+                        done += 1
+                        recs.append(rec)
+        return store.append(recs)
 
 
 # ----------------------------------------------------------------------------------------------- bench
@@ -346,6 +531,13 @@ class Settings:
     runner_dir: str | None = None
     cache_dir: str | None = None
     profile_dir: str | None = None
+    stop: threading.Event | None = None  # set on SIGINT/SIGTERM: finish nothing new, keep what finished
+
+
+def check_stop(s: Settings) -> None:
+    """Raise ``BenchInterrupted`` once a stop was requested."""
+    if s.stop is not None and s.stop.is_set():
+        raise BenchInterrupted("interrupted: no further runs started; finished runs are stored, rerun to resume")
 
 
 @dataclass
@@ -356,6 +548,7 @@ class TargetReport:
     skipped_configs: int = 0
     profiles: list[dict] = field(default_factory=list)
     emulated: bool = False
+    interrupted: bool = False
 
 
 def _describe_failure(o: RunOutcome, timeout: float) -> str:
@@ -466,14 +659,20 @@ def bench_target(target: Target, bundle: Bundle, s: Settings, store: ResultStore
         rbundle, rrunner = target.prepare(bundle, pkg, log)
         sess = target.session_dir()
         launcher = f"{rrunner}/run.sh"
+        check_stop(s)
         info_run = target.run([launcher, "--bundle", rbundle, "--info", "--no-verify"], {}, min(s.timeout, 300))
         if info_run.returncode != 0:
             raise BenchError(f"runner cannot open the bundle: {_describe_failure(info_run, s.timeout)}")
-        info = json.loads(info_run.stdout.strip().splitlines()[-1])
-        n_layers = int(info["num_layers"])
-        if info["bundle_sha256"] != bundle.sha256:
+        try:
+            info = json.loads((info_run.stdout.strip().splitlines() or [""])[-1])
+            n_layers = int(info["num_layers"])
+            int(info["max_seq_len"]), int(info["vocab_size"]), int(info["bos_id"])
+        except (ValueError, KeyError, TypeError):
+            raise BenchError(f"runner --info printed no bundle facts: {info_run.stdout.strip()[-200:]!r}") from None
+        if info.get("bundle_sha256") != bundle.sha256:
             raise BenchError("bundle on the device differs from the host's (manifest sha256)")
         check_masks(s.masks, n_layers, bundle.protected)
+        target.collect_orphans(store, log)
         done = store.counts()
         base_rec = {"schema": RECORD_SCHEMA, "device": target.name, "device_model": target.model,
                     "target": target.runner_target, "emulated": target.emulated, "bundle_sha256": bundle.sha256,
@@ -485,6 +684,7 @@ def bench_target(target: Target, bundle: Bundle, s: Settings, store: ResultStore
             target.write_text(pfile, ",".join(map(str, prompt)))
             for th in s.threads:
                 for spec in s.masks:
+                    check_stop(s)
                     rec0 = {**base_rec, "mask_spec": spec, "prompt_len": plen, "threads": th}
                     remaining = remaining_runs(s, rec0, done, rep, progress)
                     if remaining <= 0:
@@ -499,9 +699,11 @@ def bench_target(target: Target, bundle: Bundle, s: Settings, store: ResultStore
             if s.profile:
                 th = s.threads[0]
                 for spec in s.masks:
+                    check_stop(s)
                     rep.profiles.append(_profile(target, s, spec, th, plen, pfile, rbundle, launcher, log))
                 s = Settings(**{**s.__dict__, "profile": False})  # profile the first prompt length only
     except (BenchError, BuildError, AdbError) as e:
+        rep.interrupted = isinstance(e, BenchInterrupted)
         msg = str(e)
         rep.errors.append(msg if msg.startswith(target.name) else f"{target.name}: {msg}")
     finally:
@@ -520,22 +722,33 @@ def _run_config(target: Target, s: Settings, store: ResultStore, rec0: dict, spe
     attempt, last_err = 0, None
     run_index = s.runs - remaining
     while remaining > 0 and attempt <= s.retries:
+        check_stop(s)
         tag = f"{spec}-{rec0['prompt_len']}-{threads}-{attempt}-{uuid.uuid4().hex[:6]}"
         out, pid = f"{sess}/out-{tag}.jsonl", f"{sess}/pid-{tag}"
+        meta = out.removesuffix(".jsonl") + ".meta.json"
+        run_id = f"{sess.rstrip('/').rsplit('/', 1)[-1]}/{tag}"
         argv = [launcher, "--bundle", rbundle, "--prompt-ids-file", pfile, "--max-new-tokens", str(s.max_new_tokens),
                 "--threads", str(threads), "--mask", spec, "--warmup", str(s.warmup if attempt == 0 else 0),
                 "--runs", str(remaining), "--ignore-eos", "--no-verify", "--out", out]
+        # what this run is, next to its results: a later first-bench stores them if this one is lost
+        target.write_text(meta, json.dumps({"record": rec0, "run_index": run_index, "expected": expected,
+                                            "run_id": run_id}))
         err = None
         disconnected = False
+        interrupted = False
         try:
             o = target.run(argv, {"FIRSTKIT_PIDFILE": pid}, s.timeout)
-            if o.returncode != 0:
+            interrupted = s.stop is not None and s.stop.is_set()
+            if interrupted:
+                err = "interrupted"
+                target.kill(pid)
+            elif o.returncode != 0:
                 err = _describe_failure(o, s.timeout)
                 if o.timed_out:
                     target.kill(pid)
             n_lines = sum(1 for ln in o.stdout.splitlines() if ln.startswith("{"))
             # adb reports exit status 0 with truncated output when the transport drops: ask the device
-            if (o.returncode != 0 or n_lines < remaining) and not target.online():
+            if not interrupted and (o.returncode != 0 or n_lines < remaining) and not target.online():
                 disconnected = True
         except AdbError as e:
             if e.kind not in ("offline", "timeout"):
@@ -559,17 +772,11 @@ def _run_config(target: Target, s: Settings, store: ResultStore, rec0: dict, spe
                     raise BenchError(f"{target.name}: cannot pull results ({e}); rerun to resume") from e
                 present = target.fetch(out, local)
             if present:
-                recs = []
-                for line in local.read_text(errors="replace").splitlines():
-                    try:
-                        res = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # torn line of a run that did not finish
-                    match = None if expected is None else (res.get("tokens") == expected)
-                    recs.append({**rec0, "run_index": run_index + got, "result": res, "tokens_match": match,
-                                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-                    got += 1
-                store.append(recs)
+                recs, bad = _records_from_out(local, rec0, run_index, expected, run_id)
+                got = store.append(recs)
+                if bad and err is None:
+                    err = bad[0]
+        target.remove([out, meta])  # stored (or nothing to store): a later session must not collect it again
         rep.new_runs += got
         remaining -= got
         run_index += got
@@ -577,6 +784,10 @@ def _run_config(target: Target, s: Settings, store: ResultStore, rec0: dict, spe
             progress(got)
         if err is None and remaining > 0:
             err = f"runner exited without finishing {remaining} run(s)"
+        if interrupted:
+            raise BenchInterrupted(f"{target.name}: interrupted during mask {spec}, pp {rec0['prompt_len']}, "
+                                   f"{threads} threads: the runner was killed, {got} finished run(s) of it stored; "
+                                   "rerun to resume")
         if err:
             last_err = err
             log(f"{target.name}: mask {spec}: {err}" + (f" ({got} finished run(s) kept)" if got else ""))

@@ -8,11 +8,15 @@ the firstkit demo app (``--app``) on Android devices.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import signal
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import click
@@ -31,7 +35,7 @@ from .bench import (
     load_bundle,
 )
 from .report import format_table, summarize, write_plots
-from .store import ResultStore
+from .store import ResultStore, StoreError
 
 
 def _csv(values: tuple[str, ...]) -> list[str]:
@@ -52,6 +56,37 @@ def _ints(values: tuple[str, ...], name: str, lo: int) -> list[int]:
             raise click.BadParameter(f"{n} must be >= {lo}", param_hint=name)
         out.append(n)
     return out
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event, log) -> Iterator[list[int]]:
+    """SIGINT/SIGTERM set ``stop`` (the benchmark finishes nothing new); a second one exits at once.
+
+    Yields a list that receives the signal numbers; the previous handlers come back afterwards.
+    """
+    got: list[int] = []
+
+    def handler(signum, _frame) -> None:
+        got.append(signum)
+        if stop.is_set():  # the worker threads would be waited for: leave now (stored runs are fsynced)
+            log(f"{SIGNALS.get(signum, signum)} again: exiting now")
+            os._exit(128 + signum)
+        stop.set()
+        log(f"{SIGNALS.get(signum, signum)}: stopping the runner now; finished runs are kept "
+            "(again to exit at once)")
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield got
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
 def _clean(v):
@@ -121,6 +156,13 @@ def main(bundle: str, devices: tuple[str, ...], all_devices: bool, local: bool, 
                 raise click.UsageError(f"{flag} is for the native runner; the app (--app) does not use it")
     elif app_dir is not None or app_package != PACKAGE:
         raise click.UsageError("--app-dir and --app-package need --app")
+    if prompt_text is not None:
+        from firstkit.runtime.runner import check_text
+
+        try:
+            check_text(prompt_text, "--prompt")
+        except ValueError as e:
+            raise click.BadParameter(str(e).removeprefix("--prompt "), param_hint="--prompt") from None
     mask_list = _csv(masks)
     for m in mask_list:
         if m not in ("auto", "all") and (not m or set(m) - {"0", "1"}):
@@ -129,7 +171,8 @@ def main(bundle: str, devices: tuple[str, ...], all_devices: bool, local: bool, 
     if added_all:
         mask_list.insert(0, "all")  # the speedup baseline
     mask_list = list(dict.fromkeys(mask_list))
-    settings = Settings(runs=runs, warmup=warmup, masks=mask_list,
+    stop = threading.Event()
+    settings = Settings(runs=runs, warmup=warmup, masks=mask_list, stop=stop,
                         prompt_lengths=_ints(prompt_lengths, "--prompt-lengths", 1),
                         threads=_ints(threads_opt, "--threads", 1), max_new_tokens=max_new_tokens, timeout=timeout,
                         retries=retries, profile=profile, reference=reference, purge=purge, prompt_text=prompt_text,
@@ -140,8 +183,11 @@ def main(bundle: str, devices: tuple[str, ...], all_devices: bool, local: bool, 
         if b.num_layers is not None:  # bad masks fail before anything is pushed
             check_masks(mask_list, b.num_layers, b.protected)
         store = ResultStore(out_path)
-    except (BenchError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+        store.lock_writer()  # one first-bench per store: a second would measure everything again, concurrently
+        click.get_current_context().call_on_close(store.close)
+        store.records()  # a malformed record is reported now, before anything runs
+    except (BenchError, ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from None
 
     targets: list[Target] = []
     if devices or all_devices:
@@ -190,8 +236,13 @@ def main(bundle: str, devices: tuple[str, ...], all_devices: bool, local: bool, 
             return bench_app(t, b, settings, store, refs, log, prog)
         return bench_target(t, b, settings, store, refs, log, prog)
 
-    with ThreadPoolExecutor(max_workers=max(1, len(targets))) as pool:
-        reports = list(pool.map(work, targets))
+    with stop_on_signals(stop, log) as signals, ThreadPoolExecutor(max_workers=max(1, len(targets))) as pool:
+        futures = [pool.submit(work, t) for t in targets]
+        while wait(futures, timeout=0.5).not_done:
+            if stop.is_set():  # kill what runs now on every target (again: a runner may start in between)
+                for t in targets:
+                    t.abort()
+        reports = [f.result() for f in futures]
     for bar in bars.values():
         bar.close()
 
@@ -202,7 +253,11 @@ def main(bundle: str, devices: tuple[str, ...], all_devices: bool, local: bool, 
         return (r["device"], r.get("target")) in measured or (
             (r["device"], None) in measured and r.get("target") != APP_TARGET)
 
-    records = [r for r in store.records() if r["bundle_sha256"] == b.sha256 and shown(r)
+    try:
+        all_records = store.records()
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    records = [r for r in all_records if r["bundle_sha256"] == b.sha256 and shown(r)
                and r["max_new_tokens"] == max_new_tokens and r["mask_spec"] in settings.masks
                and r["prompt_len"] in settings.prompt_lengths and r["threads"] in settings.threads]
     rows = summarize(records)
@@ -242,6 +297,10 @@ def main(bundle: str, devices: tuple[str, ...], all_devices: bool, local: bool, 
     failed = [e for rep in reports for e in rep.errors]
     for e in failed:
         click.echo(f"error: {e}", err=True)
+    if signals:
+        click.echo(f"error: interrupted by {SIGNALS.get(signals[0], signals[0])}: finished runs are stored in "
+                   f"{out_path}; rerun the same command to resume", err=True)
+        sys.exit(128 + signals[0])
     if failed:
         sys.exit(1)
 

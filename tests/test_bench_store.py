@@ -12,8 +12,10 @@ def _rec(mask_spec, mask, tps, i, device="d1", emulated=False):
     return {"schema": RECORD_SCHEMA, "device": device, "bundle_sha256": "ab" * 32, "target": "linux-x86_64",
             "mask_spec": mask_spec, "prompt_len": 8, "threads": 2, "max_new_tokens": 5, "run_index": i,
             "emulated": emulated, "tokens_match": True,
-            "result": {"tokens": [1, 2, 3, 4, 5], "prompt_tokens": 8, "mask": mask, "skip_ratio": mask.count("0") / 4,
-                       "prefill_ms": 4.0, "decode_ms": [1000 / tps] * 4, "tokens_per_s": tps, "peak_rss_mb": 50.0}}
+            "result": {"text": "", "tokens": [1, 2, 3, 4, 5], "prompt_tokens": 8, "mask": mask,
+                       "skip_ratio": mask.count("0") / 4, "prefill_ms": 4.0, "decode_ms_per_token": 1000 / tps,
+                       "decode_ms": [1000 / tps] * 4, "tokens_per_s": tps, "peak_rss_mb": 50.0, "threads": 2,
+                       "backend": "executorch", "runner": "native", "bundle_sha256": "ab" * 32}}
 
 
 def test_store_survives_torn_line_and_counts(tmp_path):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -35,8 +37,16 @@ class ModelNotFoundError(ValueError):
     """The model source names nothing firstkit can load."""
 
 
-class ModelLoadError(RuntimeError):
-    """The model source exists but could not be read (corrupt file, failed download)."""
+class ModelLoadError(RuntimeError, ValueError):
+    """The model source exists but could not be read (corrupt file, missing or incomplete weights, failed
+    download). A ``ValueError`` too, so every CLI reports it as its one-line bad-input error."""
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+    lines = str(e).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -186,13 +196,14 @@ def _cached_gguf(path: Path) -> Path:
 
 
 def _convert_gguf(gguf_path: Path, folder: Path, meta: dict) -> None:
-    """De-quantise a GGUF into a float safetensors folder, written atomically."""
+    """De-quantise a GGUF into a float safetensors folder, written atomically (after ``check_gguf``)."""
+    check_gguf(gguf_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                      dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except Exception as e:  # transformers raises many types for a bad file
-        raise ModelLoadError(f"could not read GGUF {gguf_path}: {type(e).__name__}: {e}") from e
+        raise ModelLoadError(f"could not read GGUF {gguf_path}: {_one_line(e)}") from e
     adapter_for(model.config)
     # A GGUF-loaded model refuses save_pretrained until its quantizer is cleared (NOTES.md).
     model.hf_quantizer = None
@@ -220,14 +231,208 @@ def _read_source(folder: Path) -> dict:
 
 
 def _load_folder(folder: Path, dtype: torch.dtype):
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - malformed config.json
+        raise ModelLoadError(f"could not read {folder / 'config.json'}: {_one_line(e)}") from e
     adapter_for(config)
+    check_folder_weights(folder, config)  # before anything the size of the model is allocated
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except Exception as e:
-        raise ModelLoadError(f"could not load model from {folder}: {type(e).__name__}: {e}") from e
+        raise ModelLoadError(f"could not load model from {folder}: {_one_line(e)}") from e
     model.eval()
     tokenizer = None
     if any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - a corrupt tokenizer file
+            raise ModelLoadError(f"could not load the tokenizer in {folder}: {_one_line(e)}") from e
     return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------- weight checks
+#: bytes per element of the safetensors dtypes
+_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                   "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def _expected_parameters(config) -> tuple[list[list[str]], dict[str, tuple[int, ...]], str]:
+    """The parameters a model built from ``config`` has, without allocating it (meta device).
+
+    Returns (alias groups: names sharing one tensor, e.g. tied embeddings; name -> shape; base model prefix).
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    groups: dict[int, list[str]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+        shapes[name] = tuple(param.shape)
+    return list(groups.values()), shapes, getattr(model, "base_model_prefix", "") or ""
+
+
+def _match_name(name: str, shapes: dict[str, tuple[int, ...]], prefix: str) -> str | None:
+    """The expected parameter a checkpoint tensor name stands for (tolerating a missing/extra model prefix)."""
+    if name in shapes:
+        return name
+    if prefix and f"{prefix}.{name}" in shapes:
+        return f"{prefix}.{name}"
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        cand = ".".join(parts[i:])
+        if cand in shapes:
+            return cand
+    return None
+
+
+def _safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a ``.safetensors`` header; ``ModelLoadError`` when truncated or corrupt."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ModelLoadError(f"{path} is not a safetensors file ({size} bytes: empty or truncated)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100 << 20):
+                raise ModelLoadError(f"{path} is not a safetensors file (header of {n} bytes in a {size}-byte file)")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        if isinstance(e, ModelLoadError):
+            raise
+        raise ModelLoadError(f"{path} is not a readable safetensors file ({_one_line(e)})") from e
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path} is not a safetensors file (its header is not an object)")
+    data = size - 8 - n
+    out: dict[str, tuple[int, ...]] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+            itemsize = _ST_DTYPE_BYTES.get(info["dtype"])
+        except (TypeError, KeyError, ValueError):
+            raise ModelLoadError(f"{path}: malformed header entry for tensor {name!r}") from None
+        if end > data or begin > end:
+            raise ModelLoadError(f"{path} is truncated: tensor {name} ends at byte {end} of {data} "
+                                 "(copy or download it again)")
+        if itemsize is not None and (end - begin) != itemsize * math.prod(shape):
+            raise ModelLoadError(f"{path}: tensor {name} has {end - begin} bytes, its shape {list(shape)} needs "
+                                 f"{itemsize * math.prod(shape)}")
+        out[name] = shape
+    return out
+
+
+def _checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of every weight file in a Hugging Face folder (headers only, no tensor data)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"{index} is malformed ({_one_line(e)})") from e
+        out: dict[str, tuple[int, ...]] = {}
+        for shard in shards:
+            if not (folder / shard).is_file():
+                raise ModelLoadError(f"{folder}: weight shard {shard} (listed in {index.name}) is missing")
+            out.update(_safetensors_header(folder / shard))
+        return out
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        out = {}
+        for f in files:
+            out.update(_safetensors_header(f))
+        return out
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if bins:
+        out = {}
+        for b in bins:
+            try:  # memory-mapped: shapes without reading the data
+                state = torch.load(b, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - torch raises many types for a bad pickle
+                raise ModelLoadError(f"{b} is not a readable PyTorch checkpoint ({_one_line(e)})") from e
+            out.update({k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)})
+        return out
+    raise ModelLoadError(f"{folder} has no weights (no model.safetensors, model.safetensors.index.json or "
+                         "pytorch_model.bin): a config without weights would be a random model")
+
+
+def _missing_report(where: str, groups: list[list[str]], covered: set[str]) -> None:
+    missing = [g[0] for g in groups if not any(n in covered for n in g)]
+    if missing:
+        raise ModelLoadError(f"{where} lacks {len(missing)} of the model's {len(groups)} weight tensors "
+                             f"(e.g. {missing[0]}): the weights are missing or incomplete")
+
+
+def check_folder_weights(folder: Path, config) -> None:
+    """Refuse a Hugging Face folder whose weight files do not hold every tensor ``config`` needs, with its shape.
+
+    Reads only the safetensors headers (and a meta-device model for the expected names), so a folder without
+    weights, a truncated file or another model's weights fail before any memory is allocated.
+    """
+    found = _checkpoint_shapes(folder)
+    try:
+        groups, shapes, prefix = _expected_parameters(config)
+    except Exception:  # noqa: BLE001 - a config transformers cannot build on meta: from_pretrained reports it
+        return
+    covered: set[str] = set()
+    for name, shape in found.items():
+        target = _match_name(name, shapes, prefix)
+        if target is None:
+            continue
+        if tuple(shape) != shapes[target]:
+            raise ModelLoadError(f"{folder}: tensor {name} has shape {list(shape)}, the config needs "
+                                 f"{list(shapes[target])} (weights of another model?)")
+        covered.add(target)
+    _missing_report(str(folder), groups, covered)
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a GGUF whose tensors do not cover the model its metadata describes (e.g. a llama.cpp vocab-only
+    file), or whose tensor data is truncated, before anything is allocated or cached."""
+    try:
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+            read_field,
+        )
+
+        reader = GGUFReader(str(path))
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001 - empty, truncated or random bytes
+        raise ModelLoadError(f"could not read GGUF {path}: {_one_line(e)}") from e
+    adapter_for(config)
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if int(t.data_offset) + int(t.n_bytes) > size:
+            raise ModelLoadError(f"GGUF {path} is truncated: tensor {t.name} ends past the end of the file")
+    if not reader.tensors:
+        raise ModelLoadError(f"GGUF {path} holds no weight tensors (a vocab-only file?): it cannot be loaded as a "
+                             "model")
+    try:
+        with torch.device("meta"):
+            meta_model = AutoModelForCausalLM.from_config(config)
+        arch = str((read_field(reader, "general.architecture") or [""])[0])
+        processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+        mapping = get_gguf_hf_weights_map(meta_model, processor)
+    except Exception:  # noqa: BLE001 - no name map for this model: transformers' own loader decides
+        return
+    groups: dict[int, list[str]] = {}
+    numel: dict[str, int] = {}
+    for name, param in meta_model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+        numel[name] = param.numel()
+    covered: set[str] = set()
+    for t in reader.tensors:
+        hf = mapping.get(t.name)
+        if hf is None or hf not in numel:
+            continue
+        if int(t.n_elements) != numel[hf]:
+            raise ModelLoadError(f"GGUF {path}: tensor {t.name} has {int(t.n_elements)} elements, the model its "
+                                 f"metadata describes needs {numel[hf]} for {hf}")
+        covered.add(hf)
+    _missing_report(f"GGUF {path}", list(groups.values()), covered)

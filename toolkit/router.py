@@ -124,11 +124,17 @@ class RouterStack(nn.Module):
                 f"{directory} is not a router checkpoint (needs {ROUTER_CONFIG} and {ROUTER_WEIGHTS})"
             )
         try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RouterCheckpointError(f"{config_path}: invalid JSON ({e})") from e
-        if config.get("format") != "firstkit-routers":
+        except OSError as e:
+            raise RouterCheckpointError(f"{config_path}: cannot read it ({e.strerror or e})") from e
+        if not isinstance(config, dict) or config.get("format") != "firstkit-routers":
             raise RouterCheckpointError(f"{config_path}: not a firstkit router config")
+        for key in ("num_layers", "hidden_size", "router_dim"):
+            v = config.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise RouterCheckpointError(f"{config_path}: {key} must be a positive integer, got {v!r}")
         if num_layers is not None and config["num_layers"] != num_layers:
             raise RouterCheckpointError(
                 f"routers in {directory} were made for a {config['num_layers']}-layer model, "
@@ -146,9 +152,40 @@ class RouterStack(nn.Module):
             )
         meta = {k: v for k, v in config.items()
                 if k not in {"format", "format_version", "num_layers", "hidden_size", "router_dim"}}
+        _check_router_weights(weights_path, config["num_layers"], config["hidden_size"], config["router_dim"])
         stack = cls(config["num_layers"], config["hidden_size"], config["router_dim"], meta=meta)
-        stack.load_state_dict(load_file(str(weights_path)))
+        try:
+            stack.load_state_dict(load_file(str(weights_path)))
+        except Exception as e:  # noqa: BLE001 - safetensors/torch errors for a file changed after the check
+            raise RouterCheckpointError(f"{weights_path}: cannot be loaded ({str(e).strip().splitlines()[0][:200]})") \
+                from None
         return stack
+
+
+def _check_router_weights(path: Path, num_layers: int, hidden_size: int, router_dim: int) -> None:
+    """Every router tensor present with the shape router_config.json implies (read from the header only)."""
+    from safetensors import safe_open
+
+    expected = {}
+    for i in range(num_layers):
+        expected.update({f"routers.{i}.proj.weight": [router_dim, hidden_size], f"routers.{i}.proj.bias": [router_dim],
+                         f"routers.{i}.out.weight": [1, router_dim], f"routers.{i}.out.bias": [1]})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a corrupt or truncated file
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise RouterCheckpointError(f"{path} is not a readable safetensors file ({msg})") from None
+    missing = [k for k in expected if k not in shapes]
+    if missing:
+        raise RouterCheckpointError(f"{path} lacks {len(missing)} router tensor(s) (e.g. {missing[0]})")
+    for k, want in expected.items():
+        if shapes[k] != want:
+            raise RouterCheckpointError(f"{path}: {k} has shape {shapes[k]}, router_config.json implies {want} "
+                                        f"(hidden size {hidden_size}, router_dim {router_dim})")
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        raise RouterCheckpointError(f"{path} holds tensors a router stack does not have (e.g. {extra[0]})")
 
 
 def threshold_logit(threshold: float) -> float:

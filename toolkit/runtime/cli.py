@@ -24,11 +24,12 @@ from .bundle import BACKENDS, BundleError
 def main(bundle: Path, prompt: str, max_new_tokens: int, backend: str, mask: str, threads: int | None, raw: bool,
          as_json: bool) -> None:
     """Run BUNDLE on PROMPT: prefill decides the layer mask, decode calls only the layers that run."""
-    from .runner import BundleRunner
+    from .runner import BundleRunner, check_text
 
     if backend not in BACKENDS:
         raise click.ClickException(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     try:
+        check_text(prompt, "--prompt")  # undecodable bytes in argv arrive as lone surrogates
         runner = BundleRunner(bundle, backend=backend, threads=threads)
 
         def stream(piece: str) -> None:
@@ -39,6 +40,8 @@ def main(bundle: Path, prompt: str, max_new_tokens: int, backend: str, mask: str
                                  stream=None if as_json else stream, chat=not raw)
     except (BundleError, ValueError) as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # a bundle file that cannot be read (permissions, I/O error)
+        raise click.ClickException(f"{bundle}: {e.strerror or e}") from None
     result["threads"] = threads
     if as_json:
         click.echo(json.dumps(result))

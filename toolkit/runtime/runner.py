@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from .backends import ExecuTorchBackend, OnnxBackend
-from .bundle import BACKENDS, PTE_FILE, TOKENIZER_DIR, BundleError, manifest_sha256, read_manifest
+from .bundle import BACKENDS, PTE_FILE, BundleError, manifest_sha256, one_line, read_manifest
+from .bundle import load_tokenizer as read_tokenizer
 
 
 def parse_mask(mask: str | Sequence[int] | Sequence[bool] | None, n_layers: int,
@@ -40,6 +41,16 @@ def parse_mask(mask: str | Sequence[int] | Sequence[bool] | None, n_layers: int,
     return bits
 
 
+def check_text(text: str, what: str = "text") -> None:
+    """Refuse text that cannot be encoded as UTF-8 (lone surrogates: undecodable bytes from the command line)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = text[e.start]
+        raw = f"byte 0x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else f"U+{ord(ch):04X}"
+        raise ValueError(f"{what} is not valid UTF-8 text ({raw} at character {e.start}); pass UTF-8 text") from None
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process in MiB (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -64,18 +75,15 @@ class BundleRunner:
         self.max_seq_len: int = self.manifest["max_seq_len"]
         self.eos_ids: list[int] = [int(e) for e in model["eos_ids"] if int(e) >= 0]
         self.protected: list[int] = list(self.manifest["routing"]["protected_layers"])
+        self.vocab_size: int = model["vocab_size"]
+        # only the tokenizer files the manifest lists, checked again as they are read
+        self.tokenizer = read_tokenizer(self.path, self.manifest) if load_tokenizer else None
         if backend == "executorch":
             et = self.manifest["backends"]["executorch"]
             self.backend = ExecuTorchBackend(self.path / et.get("file", PTE_FILE), self.n_layers, threads)
         else:
             self.backend = OnnxBackend(self.path, self.manifest["backends"]["onnx"], self.n_layers,
                                        self.max_seq_len, threads)
-        self.tokenizer = None
-        tok_dir = self.path / TOKENIZER_DIR
-        if load_tokenizer and tok_dir.is_dir():
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
         self.sha256 = manifest_sha256(self.path)
 
     # ------------------------------------------------------------------ tokens
@@ -85,11 +93,22 @@ class BundleRunner:
             raise BundleError(f"{self.path}: bundle has no tokenizer; pass token ids")
         if not prompt:
             raise ValueError("empty prompt")
-        if chat and getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                      add_generation_prompt=True)
-            return list(self.tokenizer(text, add_special_tokens=False).input_ids)
-        return list(self.tokenizer(prompt).input_ids)
+        check_text(prompt, "prompt")
+        try:
+            if chat and getattr(self.tokenizer, "chat_template", None):
+                text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                          add_generation_prompt=True)
+                ids = list(self.tokenizer(text, add_special_tokens=False).input_ids)
+            else:
+                ids = list(self.tokenizer(prompt).input_ids)
+        except Exception as e:  # noqa: BLE001 - a tokenizer file that loads but fails on text
+            raise BundleError(f"{self.path}: the bundle's tokenizer failed on the prompt "
+                              f"({type(e).__name__}: {one_line(e, 160)})") from None
+        bad = [i for i in ids if not (isinstance(i, int) and 0 <= i < self.vocab_size)]
+        if bad:
+            raise BundleError(f"{self.path}: the bundle's tokenizer produced token id {bad[0]}, outside the model's "
+                              f"vocabulary ({self.vocab_size}); tokenizer/ does not belong to this model")
+        return ids
 
     def decode_text(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:
@@ -103,6 +122,9 @@ class BundleRunner:
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("empty prompt: no tokens")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside the vocabulary (size {self.vocab_size})")
         if len(ids) > self.max_seq_len:
             raise ValueError(f"prompt has {len(ids)} tokens, the bundle's max_seq_len is {self.max_seq_len}")
         override = torch.tensor(parse_mask(mask, self.n_layers, self.protected), dtype=torch.long)

@@ -24,8 +24,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @click.option("--max-len", type=int, default=96, show_default=True, help="Max tokens per example.")
 @click.option("--tasks", default=None, help="Comma-separated training tasks (default: the full mixture).")
 @click.option("--per-task", type=int, default=200, show_default=True, help="Train examples per task.")
-@click.option("--val-prompts", type=int, default=60, show_default=True,
-              help="Held-out (val split) prompts for the skip ratio and threshold calibration.")
+@click.option("--val-prompts", type=click.IntRange(0), default=60, show_default=True,
+              help="Held-out (val split) prompts for the skip ratio and threshold calibration (>= 1 unless "
+                   "--no-calibrate).")
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Data folder (default <repo>/../shared/data).")
 @click.option("--lr", type=float, default=2e-3, show_default=True, help="Router learning rate.")
@@ -81,6 +82,12 @@ def main(model_source: str, out_dir: str, skip_budget: float, steps: int, lora_s
 
     if max_len < 16:
         raise click.UsageError("--max-len must be >= 16")
+    if val_prompts == 0 and calibrate:
+        raise click.UsageError("--val-prompts 0 leaves no held-out prompts to calibrate the threshold on (it would "
+                               "silently stay 0.5, missing --skip-budget); give --val-prompts >= 1, or "
+                               "--no-calibrate to keep the threshold")
+    if val_prompts == 0:
+        click.echo("warning: --val-prompts 0: the skip ratio on held-out prompts is not measured", err=True)
     cfg = TrainConfig(skip_budget=skip_budget, steps=steps, lora_steps=lora_steps, batch_size=batch_size, lr=lr,
                       lora_lr=lora_lr, lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lr_schedule=lr_schedule, lambda_used=lambda_used, budget_weight=budget_weight,
@@ -115,7 +122,10 @@ def main(model_source: str, out_dir: str, skip_budget: float, steps: int, lora_s
         examples = build_examples(model.tokenizer, task_list, "train", per_task, max_len, seed, data_dir)
         per_val = max(1, -(-val_prompts // len(task_list)))
         val = [e.prompt for e in build_examples(model.tokenizer, task_list, "val", per_val, max_len, seed + 1,
-                                                data_dir)][:val_prompts]
+                                                data_dir)][:val_prompts] if val_prompts else []
+        if calibrate and not val:
+            raise ValueError(f"no held-out (val split) prompts for {', '.join(task_list)}: the threshold cannot be "
+                             "calibrated; check --data-dir, or pass --no-calibrate")
         res = train(model, examples, val, out, cfg, resume=resume, progress=not quiet,
                     extra_meta={"train_tasks": list(task_list), "max_len": max_len})
     except (ValueError, FileNotFoundError, KeyError) as e:

@@ -122,6 +122,11 @@ def merge_lora(module: torch.nn.Module) -> int:
     return count
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
 def apply_lora(model: FirstModel, directory: str | os.PathLike) -> FirstModel:
     """Load the adapter in ``directory`` (or ``directory/lora``) and merge it into the base weights."""
     d = Path(directory)
@@ -129,13 +134,22 @@ def apply_lora(model: FirstModel, directory: str | os.PathLike) -> FirstModel:
         d = d / LORA_DIR
     if not (d / LORA_WEIGHTS).is_file() or not (d / LORA_CONFIG).is_file():
         raise FileNotFoundError(f"no LoRA adapter in {directory} (needs {LORA_WEIGHTS} and {LORA_CONFIG})")
-    cfg = json.loads((d / LORA_CONFIG).read_text())
-    config = _config(int(cfg["r"]), float(cfg["lora_alpha"]), 0.0)
-    state = load_file(str(d / LORA_WEIGHTS))
+    try:
+        cfg = json.loads((d / LORA_CONFIG).read_text())
+        config = _config(int(cfg["r"]), float(cfg["lora_alpha"]), 0.0)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{d / LORA_CONFIG}: malformed LoRA config ({type(e).__name__}: {_first_line(e)})") from None
+    try:
+        state = load_file(str(d / LORA_WEIGHTS))
+    except Exception as e:  # noqa: BLE001 - SafetensorError for a corrupt or truncated file
+        raise ValueError(f"{d / LORA_WEIGHTS} is not a readable safetensors file ({_first_line(e)})") from None
     dtype = next(model.base.parameters()).dtype
     with unwrapped(model) as base:
         inject_adapter_in_model(config, base)
-        result = set_peft_model_state_dict(base, {k: v.to(dtype) for k, v in state.items()})
+        try:
+            result = set_peft_model_state_dict(base, {k: v.to(dtype) for k, v in state.items()})
+        except RuntimeError as e:  # torch's "size mismatch": an adapter of another model
+            raise ValueError(f"LoRA adapter in {d} does not fit this model ({_first_line(e)})") from None
         missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
         if missing:
             raise ValueError(f"LoRA adapter in {d} does not fit this model (unexpected keys, e.g. {missing[0]})")
