@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,12 @@ def _default_output(model: str, scheme: str) -> Path:
     name = Path(model).name if ("/" in model or Path(model).exists()) else model
     name = name.removesuffix(".gguf")
     return Path("bundles") / f"{name}-{scheme}"
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _fmt_size(n: int) -> str:
@@ -66,7 +73,9 @@ def summary_table(result) -> str:
 @click.option("--max-seq-len", type=click.IntRange(2, 32768), default=512, show_default=True,
               help="KV-cache length (prompt + generated tokens).")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
-              help="Bundle directory (default bundles/<model>-<quantize>). An existing bundle is replaced.")
+              help="Bundle directory (default bundles/<model>-<quantize>). A new path or an empty folder is "
+                   "written, an existing bundle (nothing in it but its listed files) replaced; anything else is "
+                   "refused.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare the artifacts with the eager model; a failure writes no bundle.")
 @click.option("--verify-tokens", type=click.IntRange(1, 256), default=8, show_default=True)
@@ -87,6 +96,11 @@ def main(model: str, routers: str, budget: float | None, backend: str, scheme: s
         bar.update(1)
 
     t0 = time.perf_counter()
+
+    def on_sigterm(signum, _frame) -> None:  # unwind like Ctrl-C, so the temporary bundle folder is removed
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
     try:
         result = export_bundle(model, routers, backend, scheme, max_seq_len, output, verify=verify,
                                threads=threads, verify_tokens=verify_tokens, atol=atol, progress=progress,
@@ -94,8 +108,14 @@ def main(model: str, routers: str, budget: float | None, backend: str, scheme: s
     except (ExportError, ValueError, FileNotFoundError, OSError) as e:
         bar.close()
         raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    except KeyboardInterrupt:
+        bar.close()
+        click.echo("first-export: interrupted; nothing was written to the output", err=True)
+        sys.exit(130)
     finally:
         bar.close()
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
     result.timings["total_s"] = time.perf_counter() - t0
     click.echo(f"mask policy: {result.manifest['routing']['description']}", err=True)
     if as_json:

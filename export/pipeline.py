@@ -6,10 +6,13 @@ each -> lower all together (XNNPACK) -> write bundle into a temp dir -> verify -
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -234,21 +237,106 @@ def write_executorch(core: ExportCore, manifest: dict, out_dir: Path, quantized:
     return {"torch_export_s": t1 - t0, "lower_s": t2 - t1}
 
 
+def check_output(output: Path) -> None:
+    """Refuse an ``--output`` that first-export may not replace; a new path or an empty folder is fine.
+
+    An existing folder is replaced only when it is a firstkit bundle: a valid manifest, and nothing in it but
+    ``manifest.json`` and the files that manifest lists (no other file, folder or symbolic link).
+    """
+    from firstkit.runtime.bundle import MANIFEST, BundleError, read_manifest
+
+    def refuse(why: str) -> ExportError:
+        return ExportError(f"{output} exists and is not a firstkit bundle ({why}); refusing to overwrite it")
+
+    if output.is_symlink():
+        raise refuse("it is a symbolic link")
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise refuse("it is not a folder")
+    if not any(output.iterdir()):
+        return  # an empty folder
+    try:
+        listed = set(read_manifest(output, check_hashes=False)["files"])
+    except BundleError as e:
+        raise refuse(str(e).removeprefix(f"{output}: ").removeprefix(f"{output / MANIFEST}: ")) from None
+    parents = {p.as_posix() for rel in listed for p in Path(rel).parents}
+    for dirpath, dirs, files in os.walk(output):
+        for name in [*dirs, *files]:
+            full = Path(dirpath) / name
+            rel = full.relative_to(output).as_posix()
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                raise refuse(f"{rel} is a symbolic link")
+            if stat.S_ISDIR(st.st_mode):
+                if rel not in parents:
+                    raise refuse(f"folder {rel}/ holds no file of the bundle")
+            elif rel != MANIFEST and rel not in listed:
+                raise refuse(f"{rel} is not one of its files")
+
+
+def _lock_dir(path: Path) -> int | None:
+    """An exclusive ``flock`` on folder ``path`` (fd to close later), or None when another process holds one."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def clean_stale_temps(output: Path, log: Callable[[str], None] | None = None) -> list[Path]:
+    """Remove ``.NAME.tmp-*`` / ``.NAME.old-*`` folders an interrupted export of ``output`` left (SIGKILL, power
+    loss). A live export holds a lock on its folders, so only abandoned ones are removed; an abandoned
+    ``.old-*`` (the previous bundle, moved aside for a replace that never finished) goes back to ``output``
+    when nothing is there. Returns what was removed."""
+    removed: list[Path] = []
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        return removed
+    for kind in ("tmp", "old"):
+        for cand in sorted(parent.glob(f".{output.name}.{kind}-*")):
+            if cand.is_symlink() or not cand.is_dir():
+                continue
+            fd = _lock_dir(cand)
+            if fd is None:
+                continue  # a live first-export is writing it
+            try:
+                if kind == "old" and not output.exists() and not output.is_symlink():
+                    os.replace(cand, output)  # the bundle that was being replaced: give it back
+                    if log:
+                        log(f"restored {output} from an interrupted replace")
+                    continue
+                shutil.rmtree(cand, ignore_errors=True)
+                removed.append(cand)
+                if log:
+                    log(f"removed {cand.name} (left by an interrupted export)")
+            finally:
+                os.close(fd)
+    return removed
+
+
 def _atomic_publish(tmp: Path, dest: Path) -> None:
-    """Move the finished bundle into place; an existing bundle at ``dest`` is replaced."""
-    if dest.exists():
-        if not (dest / "manifest.json").is_file():
-            raise ExportError(f"{dest} exists and is not a firstkit bundle; refusing to overwrite it")
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
+    """Move the finished bundle into place; an existing bundle (or empty folder) at ``dest`` is replaced."""
+    check_output(dest)  # again: the folder may have changed while the export ran
+    if dest.exists() and any(dest.iterdir()):
+        fd = _lock_dir(dest)
+        if fd is None:
+            raise ExportError(f"another first-export is replacing {dest}; try again when it is done")
         try:
-            os.replace(tmp, dest)
-        except OSError:
-            os.replace(old, dest)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                os.replace(old, dest)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            os.close(fd)
     else:
-        os.replace(tmp, dest)
+        os.replace(tmp, dest)  # new path, or onto an empty folder (fails if a file appeared in it meanwhile)
 
 
 def export_bundle(model: str, routers: str | None, backend: str, scheme: str, max_seq_len: int, output: Path,
@@ -265,8 +353,8 @@ def export_bundle(model: str, routers: str | None, backend: str, scheme: str, ma
     if max_seq_len < 2:
         raise ExportError("--max-seq-len must be >= 2")
     output = Path(output)
-    if output.exists() and not (output / "manifest.json").is_file():
-        raise ExportError(f"{output} exists and is not a firstkit bundle; refusing to overwrite it")
+    check_output(output)
+    clean_stale_temps(output, progress)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     if first_model is None:
@@ -287,6 +375,7 @@ def export_bundle(model: str, routers: str | None, backend: str, scheme: str, ma
     manifest = build_manifest(first_model, core, qinfo, policy, routers_path, model)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    tmp_lock = _lock_dir(tmp)  # held until the end: a concurrent export does not take it for stale
     try:
         if backend in ("executorch", "all"):
             timings.update({f"executorch_{k}": v for k, v in
@@ -340,4 +429,8 @@ def export_bundle(model: str, routers: str | None, backend: str, scheme: str, ma
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if tmp_lock is not None:
+            with contextlib.suppress(OSError):
+                os.close(tmp_lock)
     return ExportResult(output=output, manifest=manifest, timings=timings, verification=verification)

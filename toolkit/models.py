@@ -7,6 +7,7 @@ safetensors folder under ``$FIRSTKIT_CACHE`` (default ``~/.cache/firstkit``), so
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -195,15 +196,40 @@ def _cached_gguf(path: Path) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def _one_gguf_parse(path: Path):
+    """Parse the GGUF once for the whole conversion: transformers builds a ``gguf.GGUFReader`` for the config, the
+    weights and the tokenizer each (seconds to minutes for a large vocabulary); inside this block every reader of
+    ``path`` is the same one. Yields it (``ModelLoadError`` when the file is not a GGUF)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - empty, truncated or random bytes
+        raise ModelLoadError(f"could not read GGUF {path}: {_one_line(e)}") from e
+    real = os.path.realpath(path)
+    original = gguf.GGUFReader
+
+    def shared(p, *args, **kwargs):
+        return reader if not args and not kwargs and os.path.realpath(p) == real else original(p, *args, **kwargs)
+
+    gguf.GGUFReader = shared  # transformers imports it from the module at each call
+    try:
+        yield reader
+    finally:
+        gguf.GGUFReader = original
+
+
 def _convert_gguf(gguf_path: Path, folder: Path, meta: dict) -> None:
     """De-quantise a GGUF into a float safetensors folder, written atomically (after ``check_gguf``)."""
-    check_gguf(gguf_path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                     dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    except Exception as e:  # transformers raises many types for a bad file
-        raise ModelLoadError(f"could not read GGUF {gguf_path}: {_one_line(e)}") from e
+    with _one_gguf_parse(gguf_path) as reader:
+        check_gguf(gguf_path, reader)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                         dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        except Exception as e:  # transformers raises many types for a bad file
+            raise ModelLoadError(f"could not read GGUF {gguf_path}: {_one_line(e)}") from e
     adapter_for(model.config)
     # A GGUF-loaded model refuses save_pretrained until its quantizer is cleared (NOTES.md).
     model.hf_quantizer = None
@@ -389,19 +415,15 @@ def check_folder_weights(folder: Path, config) -> None:
     _missing_report(str(folder), groups, covered)
 
 
-def check_gguf(path: Path) -> None:
+def check_gguf(path: Path, reader=None) -> None:
     """Refuse a GGUF whose tensors do not cover the model its metadata describes (e.g. a llama.cpp vocab-only
-    file), or whose tensor data is truncated, before anything is allocated or cached."""
+    file), or whose tensor data is truncated, before anything is allocated or cached. ``reader``: the file's
+    ``gguf.GGUFReader`` when the caller has one."""
     try:
         from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS,
-            TensorProcessor,
-            get_gguf_hf_weights_map,
-            read_field,
-        )
+        from transformers.modeling_gguf_pytorch_utils import read_field
 
-        reader = GGUFReader(str(path))
+        reader = reader or GGUFReader(str(path))
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # noqa: BLE001 - empty, truncated or random bytes
         raise ModelLoadError(f"could not read GGUF {path}: {_one_line(e)}") from e
@@ -414,13 +436,21 @@ def check_gguf(path: Path) -> None:
         raise ModelLoadError(f"GGUF {path} holds no weight tensors (a vocab-only file?): it cannot be loaded as a "
                              "model")
     try:
+        from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
         with torch.device("meta"):
             meta_model = AutoModelForCausalLM.from_config(config)
-        arch = str((read_field(reader, "general.architecture") or [""])[0])
-        processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
-        mapping = get_gguf_hf_weights_map(meta_model, processor)
+        arch_name = str((read_field(reader, "general.architecture") or [""])[0])
+        arch = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch_name)
+        name_map = get_tensor_name_map(arch, config.num_hidden_layers)
     except Exception:  # noqa: BLE001 - no name map for this model: transformers' own loader decides
         return
+    mapping: dict[str, str] = {}  # GGUF tensor name -> parameter (transformers' map, without its slow recursion)
+    for name in meta_model.state_dict():
+        stem, _, suffix = name.rpartition(".")
+        gguf_name = name_map.get_name(stem) or (name_map.get_name(stem.split(".", 1)[1]) if "." in stem else None)
+        if gguf_name:
+            mapping[f"{gguf_name}.{suffix}"] = name
     groups: dict[int, list[str]] = {}
     numel: dict[str, int] = {}
     for name, param in meta_model.named_parameters(remove_duplicate=False):

@@ -1,7 +1,9 @@
 // first_runner.cpp -- the FiRST runner core: bundle loading, prefill, frozen mask, per-layer decode.
 #include "first_runner.h"
 
+#include <limits.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <chrono>
@@ -68,6 +70,26 @@ int64_t file_size(const std::string& path) {
 std::string join(const std::string& dir, const std::string& name) {
   if (dir.empty() || dir.back() == '/') return dir + name;
   return dir + "/" + name;
+}
+
+std::string real_path(const std::string& path) {
+  char buf[PATH_MAX];
+  if (::realpath(path.c_str(), buf) == nullptr) return std::string();
+  return std::string(buf);
+}
+
+// The resolved path of a file the manifest lists: it must stay inside the bundle (no symlink out of it) and
+// be a regular file (docs/bundle_format.md; firstkit.runtime.bundle.bundle_file applies the same rule).
+std::string checked_bundle_file(const std::string& bundle_real, const std::string& bundle_dir,
+                                const std::string& name) {
+  const std::string real = real_path(join(bundle_dir, name));
+  if (real.empty()) throw RunnerError("bundle file missing: " + name);
+  if (real.compare(0, bundle_real.size() + 1, bundle_real + "/") != 0)
+    throw RunnerError("bundle file " + name + " resolves outside the bundle (" + real + "); refusing to read it");
+  struct stat st;
+  if (::stat(real.c_str(), &st) != 0 || !S_ISREG(st.st_mode))
+    throw RunnerError("bundle file " + name + " is not a regular file");
+  return real;
 }
 
 std::string err_text(et::runtime::Error e) {
@@ -159,16 +181,27 @@ class RunnerImpl final : public Runner {
     }
     if (pte.find("..") != std::string::npos || (!pte.empty() && pte[0] == '/'))
       throw RunnerError("manifest names a program outside the bundle: " + pte);
-    const std::string pte_path = join(opt.bundle_dir, pte);
+    std::string pte_path = join(opt.bundle_dir, pte);
     if (!file_exists(pte_path)) throw RunnerError("bundle has no ExecuTorch program: " + pte_path + " is missing");
+    const std::string bundle_real = real_path(opt.bundle_dir);
+    if (bundle_real.empty()) throw RunnerError("cannot resolve the bundle folder " + opt.bundle_dir);
+    const std::vector<FileCheck> listed = listed_files(manifest);
+    const std::string tok_name = "tokenizer/tokenizer.json";
+    bool pte_listed = false, tok_listed = false;
+    std::string tok_path;
 
-    for (const FileCheck& c : listed_files(manifest)) {
+    for (const FileCheck& c : listed) {
       if (c.name.find("..") != std::string::npos || (!c.name.empty() && c.name[0] == '/'))
         throw RunnerError("manifest lists a file outside the bundle: " + c.name);
       const std::string p = join(opt.bundle_dir, c.name);
       if (c.name != pte && !file_exists(p)) {
         if (c.name.rfind("onnx", 0) == 0) continue;  // ONNX files are optional for this runner
         throw RunnerError("bundle file missing: " + c.name);
+      }
+      if (c.name == pte || c.name == tok_name) {  // the files this runner reads: resolved inside the bundle
+        const std::string real = checked_bundle_file(bundle_real, opt.bundle_dir, c.name);
+        if (c.name == pte) pte_listed = true, pte_path = real;
+        else tok_listed = true, tok_path = real;
       }
       if (c.name != pte && !opt.verify_files) continue;
       if (c.size >= 0 && file_size(p) != c.size)
@@ -177,6 +210,17 @@ class RunnerImpl final : public Runner {
       if (opt.verify_files && !c.sha256.empty() && (c.name == pte || c.name.rfind("onnx", 0) != 0)) {
         std::string got = sha256_file(p);
         if (got != c.sha256) throw RunnerError("sha256 mismatch for " + c.name + ": " + got + " != " + c.sha256);
+      }
+    }
+
+    // A bundle with a file listing (every first-export bundle) is read through it: an unlisted program or
+    // tokenizer is never read.
+    if (!listed.empty() && !pte_listed) throw RunnerError("the manifest does not list the program " + pte);
+    if (listed.empty()) {
+      pte_path = checked_bundle_file(bundle_real, opt.bundle_dir, pte);
+      if (file_exists(join(opt.bundle_dir, tok_name))) {
+        tok_path = checked_bundle_file(bundle_real, opt.bundle_dir, tok_name);
+        tok_listed = true;
       }
     }
 
@@ -198,8 +242,12 @@ class RunnerImpl final : public Runner {
     xnn.set_option("weight_cache_enabled", opt.xnnpack_weight_cache);
     et::runtime::LoadBackendOptionsMap backend_options;
     backend_options.set_options("XnnpackBackend", xnn.view());
-    if (auto e = module_->load(backend_options); e != et::runtime::Error::Ok)
-      throw RunnerError("cannot load " + pte_path + ": " + err_text(e));
+    // InternalConsistency: the flatbuffer verifier checks every offset before anything reads it, so a
+    // malformed program (even one whose sha256 matches its manifest) is an error, not a crash.
+    if (auto e = module_->load(backend_options, et::runtime::Program::Verification::InternalConsistency);
+        e != et::runtime::Error::Ok)
+      throw RunnerError("cannot load " + pte_path + ": " + err_text(e) +
+                        " (the program is malformed or not an ExecuTorch .pte)");
 
     auto names = module_->method_names();
     if (!names.ok()) throw RunnerError("cannot list methods of " + pte_path);
@@ -237,9 +285,8 @@ class RunnerImpl final : public Runner {
         throw RunnerError("cannot load method '" + m + "': " + err_text(e));
     }
 
-    const std::string tok = join(opt.bundle_dir, "tokenizer/tokenizer.json");
-    if (file_exists(tok)) {
-      detok_ = std::make_unique<Detokenizer>(tok);
+    if (tok_listed) {  // only a listed (and checked) tokenizer.json is read
+      detok_ = std::make_unique<Detokenizer>(tok_path);
       info_.has_tokenizer = true;
     }
   }
