@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -120,6 +119,7 @@ def test_only_listed_files_are_pushed_and_read(device, tmp_path):
 @pytest.mark.parametrize("sig,where", [(signal.SIGINT, "device"), (signal.SIGTERM, "local")])
 def test_signal_stops_after_the_current_run_and_keeps_results(device, tmp_path, sig, where):
     out = tmp_path / "res.jsonl"
+    (tmp_path / "tmp").mkdir()
     args = [sys.executable, "-m", "firstkit.device_bench.cli", str(tiny_bundle()), "--runs", "100000", "--warmup", "0",
             "--masks", "all,auto", "--prompt-lengths", "6", "--max-new-tokens", "5", "--out", str(out), "--no-plots",
             "--no-reference"]
@@ -131,13 +131,14 @@ def test_signal_stops_after_the_current_run_and_keeps_results(device, tmp_path, 
     else:
         runner("linux-x86_64")
         args += ["--local"]
-        pattern = (Path(tempfile.gettempdir()), "firstkit-bench-*/out-*.jsonl")
+        pattern = (tmp_path / "tmp", "firstkit-bench-*/out-*.jsonl")  # the local session folder: $TMPDIR
     started = time.time()
 
     def running() -> bool:  # a results file of this run that already holds a finished run
         return any(f.stat().st_mtime >= started and f.stat().st_size > 0 for f in pattern[0].glob(pattern[1]))
 
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                         env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None and not running():
         time.sleep(0.2)
