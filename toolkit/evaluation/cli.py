@@ -23,13 +23,16 @@ DEFAULT_SYSTEMS = "base,first,static,uniform,random,last-k"
                    "(default: --routers if it holds lora/, else the shipped -lora routers).")
 @click.option("--budget", type=float, default=None,
               help="Pick the shipped routers nearest this skip budget (default model, no --routers).")
+@click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="An exported bundle (first-export) for the systems 'bundle' (its routers) and 'bundle-all'.")
 @click.option("--task", "task_names", multiple=True, help="Named task (repeatable, or comma-separated).")
 @click.option("--task-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Your own JSONL task file (see docs/results_quality.md for the schema).")
 @click.option("--task-type", type=click.Choice(["mc", "perplexity", "generation"]), default=None,
               help="Type of --task-file.")
 @click.option("--systems", default=DEFAULT_SYSTEMS, show_default=True,
-              help="Comma-separated: base, first, first+lora, lora, static, uniform, random, last-k.")
+              help="Comma-separated: base, first, first+lora, lora, static, uniform, random, last-k; "
+                   "bundle, bundle-all (with --bundle).")
 @click.option("--limit", default="10", show_default=True,
               help="Documents per task, or 'all' (the whole split; perplexity: whole articles).")
 @click.option("--split", type=click.Choice(["test", "val", "all"]), default="test", show_default=True,
@@ -54,18 +57,21 @@ DEFAULT_SYSTEMS = "base,first,static,uniform,random,last-k"
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def main(model_source: str, routers_dir: str | None, lora_dir: str | None, budget: float | None,
-         task_names: tuple[str, ...], task_file: str | None, task_type: str | None, systems: str, limit: str,
-         split: str, skip_ratio: float | None, ppl_window: int, ppl_prompt: int, max_prompt: int, batch_size: int,
-         bootstrap_iters: int, data_dir: str | None, seed: int, threads: int | None, out_dir: str | None,
-         as_json: bool, quiet: bool) -> None:
+         bundle_dir: str | None, task_names: tuple[str, ...], task_file: str | None, task_type: str | None,
+         systems: str, limit: str, split: str, skip_ratio: float | None, ppl_window: int, ppl_prompt: int,
+         max_prompt: int, batch_size: int, bootstrap_iters: int, data_dir: str | None, seed: int,
+         threads: int | None, out_dir: str | None, as_json: bool, quiet: bool) -> None:
     """Evaluate systems on tasks at matched average skip ratio; JSON, Markdown table and plots."""
-    from firstkit.evaluation.harness import SYSTEMS
+    from firstkit.evaluation.harness import BUNDLE_SYSTEMS, SYSTEMS
     from firstkit.evaluation.tasks import TASKS, task_from_file
 
     names = [s.strip() for s in systems.split(",") if s.strip()]
-    bad = [s for s in names if s not in SYSTEMS]
+    bad = [s for s in names if s not in SYSTEMS + BUNDLE_SYSTEMS]
     if bad or not names:
-        raise click.UsageError(f"unknown system(s) {', '.join(bad) or '(none)'}; choose from {', '.join(SYSTEMS)}")
+        raise click.UsageError(f"unknown system(s) {', '.join(bad) or '(none)'}; choose from "
+                               f"{', '.join(SYSTEMS + BUNDLE_SYSTEMS)}")
+    if set(names) & set(BUNDLE_SYSTEMS) and not bundle_dir:
+        raise click.UsageError("systems bundle / bundle-all need --bundle DIR")
     wanted = [t.strip() for n in task_names for t in n.split(",") if t.strip()]
     if bool(wanted) == bool(task_file):
         raise click.UsageError("give --task NAME ... or --task-file F --task-type T (exactly one of them)")
@@ -113,7 +119,7 @@ def main(model_source: str, routers_dir: str | None, lora_dir: str | None, budge
                                                                            need_lora)
         if model.tokenizer is None:
             raise click.ClickException(f"model {model_source} has no tokenizer")
-        systems_map = harness.build_systems(names, model, routers, lora_model, lora_routers)
+        systems_map = harness.build_systems(names, model, routers, lora_model, lora_routers, bundle_dir)
         results = harness.run_evaluation(systems_map, tasks, configs, limit=n_limit, skip_ratio=skip_ratio, seed=seed,
                                          progress=not quiet, max_prompt=max_prompt, ppl_window=ppl_window,
                                          ppl_prompt=ppl_prompt, batch_size=batch_size, data_dir=data_dir)
@@ -121,7 +127,7 @@ def main(model_source: str, routers_dir: str | None, lora_dir: str | None, budge
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None
     report = _report(model, routers, model_source, routers_dir, lora_dir, tasks, results, n_limit, split,
-                     time.time() - t0) | statistics
+                     time.time() - t0, bundle_dir) | statistics
     if out_dir:
         from firstkit.evaluation.report import write_report
 
@@ -149,7 +155,8 @@ def _parse_limit(limit: str) -> int | None:
     return n
 
 
-def _report(model, routers, source, routers_dir, lora_dir, tasks, results, limit, split, seconds) -> dict:
+def _report(model, routers, source, routers_dir, lora_dir, tasks, results, limit, split, seconds,
+            bundle_dir=None) -> dict:
     from firstkit.evaluation.harness import router_compute
 
     rows = [row for r in results for row in r.rows()]
@@ -158,13 +165,15 @@ def _report(model, routers, source, routers_dir, lora_dir, tasks, results, limit
     for r in results:
         usage.setdefault(r.system, {})[r.task] = [round(u, 4) for u in r.layer_usage]
         skip_by_task.setdefault(r.system, {})[r.task] = round(r.skip_ratio, 4)
-    prompt_tokens = [r.mean_prompt_tokens for r in results if r.system == "first"] or [128.0]
+    prompt_tokens = [r.mean_prompt_tokens for r in results if r.system == "first"] or \
+        [r.mean_prompt_tokens for r in results if r.system == "first+lora"] or [128.0]
     mean_prompt = sum(prompt_tokens) / len(prompt_tokens)
     return {
         "model": getattr(model.info, "model_id", str(source)),
         "model_source": str(source),
         "routers": str(routers_dir) if routers_dir else None,
         "lora_routers": str(lora_dir) if lora_dir else None,
+        "bundle": str(bundle_dir) if bundle_dir else None,
         "num_layers": model.num_layers,
         "split": split,
         "limit": limit,

@@ -6,8 +6,8 @@ a fixed baseline). Every (system, task) pair runs as one lm-eval evaluation of t
 and computes the metrics; the adapter decides the mask from each request's context and freezes it.
 
 Baselines ``static``, ``uniform``, ``random``, ``last-k`` skip ``k = round(r * L)`` layers, where ``r`` is
-the average skip ratio the ``first`` system measured on the same task (matched skip ratio), or
-``--skip-ratio``. Per-example results are kept, so every score gets a standard error / 95 % interval and
+the average skip ratio the ``first`` system (else ``first+lora``) measured on the same task (matched skip
+ratio), or ``--skip-ratio``. Per-example results are kept, so every score gets a standard error / 95 % interval and
 every difference between two systems a *paired* one (``stats``).
 """
 
@@ -32,10 +32,16 @@ from firstkit.evaluation.tasks import Task
 from firstkit.routed_model import FirstModel, RoutingConfig
 from firstkit.router import RouterStack
 
-__all__ = ["SYSTEMS", "MATCHED", "LOWER_IS_BETTER", "System", "EvalResult", "evaluate_task", "run_evaluation",
-           "build_systems", "router_compute", "forward_flops", "matched_policy", "compare", "load_eval_model"]
+__all__ = ["SYSTEMS", "BUNDLE_SYSTEMS", "MATCHED", "LOWER_IS_BETTER", "System", "EvalResult", "evaluate_task",
+           "run_evaluation", "build_systems", "router_compute", "forward_flops", "matched_policy", "compare",
+           "load_eval_model"]
 
 SYSTEMS = ("base", "first", "first+lora", "lora", "static", "uniform", "random", "last-k")
+BUNDLE_SYSTEMS = ("bundle", "bundle-all")  # an exported bundle (--bundle): its routers' masks / all layers
+#: (system, reference, label): what part of a bundle's score is quantization, what part is skipping
+#: (the first reference present is used; base is always a reference already)
+BUNDLE_PAIRS = (("bundle", ("first+lora", "first"), "eager"), ("bundle-all", ("lora",), "eager"),
+                ("bundle", ("bundle-all",), "all_layers"), ("first+lora", ("lora",), "all_layers"))
 MATCHED = ("static", "uniform", "random", "last-k")  # skip as many layers as `first` does on the task
 LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
 MC_EXTRA_TOKENS = 64  # window room for the answer of a multiple-choice request beyond --max-prompt
@@ -43,12 +49,14 @@ MC_EXTRA_TOKENS = 64  # window room for the answer of a multiple-choice request 
 
 @dataclass
 class System:
-    """A model plus a mask choice: ``auto`` (its routers decide), ``all``, or a baseline with ``skip``."""
+    """A model plus a mask choice: ``auto`` (its routers decide), ``all``, or a baseline with ``skip``;
+    or an exported bundle (``bundle`` = its folder, ``model`` None) with ``auto`` / ``all``."""
 
     name: str
-    model: FirstModel
+    model: FirstModel | None
     mask: str = "auto"
     skip: float | int | None = None
+    bundle: str | None = None
 
 
 @dataclass
@@ -68,6 +76,7 @@ class EvalResult:
     doc_ids: list[int] = field(default_factory=list)
     items: dict[str, list[Any]] = field(default_factory=dict)  # metric -> per-example items, in doc_ids order
     chance: dict[str, float] = field(default_factory=dict)
+    masks: list[list[bool]] = field(default_factory=list)  # per document, in doc_ids order
 
     def rows(self) -> list[dict[str, Any]]:
         base = {"system": self.system, "task": self.task, "skip_ratio": round(self.skip_ratio, 6), "n": self.n}
@@ -129,8 +138,8 @@ def _task_manager():
     return _TASK_MANAGER
 
 
-def _uses_chat(task: Task, model: FirstModel) -> bool:
-    return task.kind == "generation" and task.chat and bool(getattr(model.tokenizer, "chat_template", None))
+def _uses_chat(task: Task, tokenizer: Any) -> bool:
+    return task.kind == "generation" and task.chat and bool(getattr(tokenizer, "chat_template", None))
 
 
 def evaluate_task(system: System, task: Task, config: dict[str, Any], *, limit: int | None, max_prompt: int = 384,
@@ -146,12 +155,16 @@ def evaluate_task(system: System, task: Task, config: dict[str, Any], *, limit: 
         window = ppl_window
     else:
         window = max_prompt + (task.max_new_tokens if task.kind == "generation" else MC_EXTRA_TOKENS)
-    lm = FirstLM(model=system.model, mask=system.mask, skip=system.skip, seed=seed, data_dir=data_dir,
-                 rolling_prompt=ppl_prompt, batch_size=batch_size, max_length=window, progress=progress)
+    if system.bundle is not None:
+        lm = FirstLM(bundle=system.bundle, mask=system.mask, rolling_prompt=ppl_prompt, max_length=window,
+                     progress=progress)
+    else:
+        lm = FirstLM(model=system.model, mask=system.mask, skip=system.skip, seed=seed, data_dir=data_dir,
+                     rolling_prompt=ppl_prompt, batch_size=batch_size, max_length=window, progress=progress)
     name = config["task"]
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for first-eval's own output (--json)
         out = simple_evaluate(model=lm, tasks=[config], limit=limit, bootstrap_iters=0, log_samples=True,
-                              task_manager=_task_manager(), apply_chat_template=_uses_chat(task, system.model),
+                              task_manager=_task_manager(), apply_chat_template=_uses_chat(task, lm.tokenizer),
                               verbosity="ERROR" if not progress else None)
     samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
     if not samples:
@@ -175,12 +188,13 @@ def evaluate_task(system: System, task: Task, config: dict[str, Any], *, limit: 
             items[m] = [tuple(s[m]) if isinstance(s[m], list | tuple) else float(s[m]) for s in samples]
         chance = {}
     values = {m: _aggregate(m, v) for m, v in items.items()}
-    L = system.model.num_layers
+    L = len(next(iter(lm.mask_log.values())))
     masks = torch.tensor([lm.mask_log[(name, d)] for d in doc_ids], dtype=torch.float64)
     prompts = [lm.prompt_log[(name, d)] for d in doc_ids]
     return EvalResult(system.name, task.name, main, values[main], float((1 - masks).sum(1).mean() / L), len(samples),
                       {m: values[m] for m in extras}, masks.mean(0).tolist(), time.time() - t0,
-                      float(sum(prompts) / len(prompts)), doc_ids, items, chance)
+                      float(sum(prompts) / len(prompts)), doc_ids, items, chance,
+                      [lm.mask_log[(name, d)] for d in doc_ids])
 
 
 def _aggregate(metric: str, items: list[Any]) -> float:
@@ -191,8 +205,10 @@ def _aggregate(metric: str, items: list[Any]) -> float:
 # ---------------------------------------------------------------------------------------------- statistics
 def compare(results: Sequence[EvalResult], iters: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Intervals of every score, and paired differences of every system to ``base`` and to the strongest
-    matched baseline of the task (best main score among static / uniform / random / last-k)."""
-    intervals, diffs, chance = [], [], {}
+    matched baseline of the task (best main score among static / uniform / random / last-k). With a bundle,
+    also bundle - first+lora and bundle-all - lora (``eager``: quantization, same masks policy), bundle -
+    bundle-all and first+lora - lora (``all_layers``: skipping)."""
+    intervals, diffs, chance, agreement = [], [], {}, []
     by_task: dict[str, dict[str, EvalResult]] = {}
     for r in results:
         by_task.setdefault(r.task, {})[r.system] = r
@@ -212,14 +228,23 @@ def compare(results: Sequence[EvalResult], iters: int = 1000, seed: int = 0) -> 
                 refs.append(("base", systems["base"]))
             if best is not None and r.system not in MATCHED and r.system != "base":
                 refs.append(("best_baseline", best))
+            for sys_name, candidates, label in BUNDLE_PAIRS:
+                present = [c for c in candidates if c in systems]
+                if sys_name == r.system and present and "bundle" in systems:
+                    refs.append((label, systems[present[0]]))
             for label, ref in refs:
                 if ref.doc_ids != r.doc_ids:
                     raise ValueError(f"{r.system} and {ref.system} scored different examples of {task}")
+                if label == "eager":  # does the quantized program run the layers the eager model runs?
+                    same = [a == b for a, b in zip(r.masks, ref.masks, strict=True)]
+                    agreement.append({"system": r.system, "reference_system": ref.system, "task": task,
+                                      "masks_equal": sum(same) / len(same), "n": len(same)})
                 for metric in r.items:
                     d = stats.difference(r.items[metric], ref.items[metric], aggregation(metric), iters, seed)
                     diffs.append({"system": r.system, "reference": label, "reference_system": ref.system,
                                   "task": task, "metric": metric, **d.as_dict()})
-    return {"intervals": intervals, "differences": diffs, "chance": chance,
+    out_agree = {"mask_agreement": agreement} if agreement else {}
+    return out_agree | {"intervals": intervals, "differences": diffs, "chance": chance,
             "statistics": {"confidence": stats.CONFIDENCE, "bootstrap_iters": iters, "seed": seed,
                            "means": "t interval on per-example scores (paired for differences)",
                            "corpus_metrics": "bootstrap over examples (paired for differences)"}}
@@ -250,13 +275,18 @@ def router_compute(model: FirstModel, prompt_tokens: float, routers: RouterStack
 
 
 def build_systems(names: Sequence[str], base_model: FirstModel, routers: RouterStack | None,
-                  lora_model: FirstModel | None, lora_routers: RouterStack | None) -> dict[str, System]:
+                  lora_model: FirstModel | None, lora_routers: RouterStack | None,
+                  bundle: str | None = None) -> dict[str, System]:
     """Systems by name (matched baselines get their skip later, once ``first``'s skip ratio is known)."""
     out: dict[str, System] = {}
     for name in names:
-        if name not in SYSTEMS:
-            raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
-        if name == "base":
+        if name not in SYSTEMS + BUNDLE_SYSTEMS:
+            raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS + BUNDLE_SYSTEMS)}")
+        if name in BUNDLE_SYSTEMS:
+            if bundle is None:
+                raise ValueError(f"system {name!r} needs --bundle DIR")
+            out[name] = System(name, None, "auto" if name == "bundle" else "all", bundle=str(bundle))
+        elif name == "base":
             out[name] = System(name, _with_routers(base_model, None), "all")
         elif name == "first":
             if routers is None:
@@ -299,20 +329,24 @@ def matched_policy(name: str, model: FirstModel, skip_ratio: float, calibration:
 def run_evaluation(systems: dict[str, System], tasks: Sequence[Task], configs: dict[str, dict[str, Any]], *,
                    limit: int | None, skip_ratio: float | None = None, seed: int = 0, progress: bool = True,
                    **kw: Any) -> list[EvalResult]:
-    """Evaluate every system on every task; matched baselines follow ``first``'s per-task skip ratio."""
+    """Evaluate every system on every task; matched baselines follow the per-task skip ratio of ``first``
+    (or of ``first+lora`` when ``first`` is not evaluated), unless ``skip_ratio`` is given."""
     results: list[EvalResult] = []
-    order = [s for s in SYSTEMS if s in systems]
+    order = [s for s in (*SYSTEMS, *BUNDLE_SYSTEMS) if s in systems]
+    leader = "first" if "first" in systems else "first+lora"
+    if skip_ratio is None and leader not in systems and any(s in MATCHED for s in systems):
+        raise ValueError("matched baselines need the 'first' or 'first+lora' system, or --skip-ratio")
     for task in tasks:
         first_skip = skip_ratio
         for name in order:
             system = systems[name]
             if name in MATCHED:
                 if first_skip is None:
-                    raise ValueError(f"system {name!r} needs the 'first' system or --skip-ratio to match")
+                    raise ValueError(f"system {name!r} needs the 'first' or 'first+lora' system or --skip-ratio")
                 k = min(round(first_skip * system.model.num_layers), len(policies.skippable_layers(system.model)))
                 system = System(name, system.model, name, k)
             res = evaluate_task(system, task, configs[task.name], limit=limit, seed=seed, progress=progress, **kw)
-            if name == "first" and skip_ratio is None:
+            if name == leader and skip_ratio is None:
                 first_skip = res.skip_ratio
             results.append(res)
     return results

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from firstkit.evaluation.masks import fixed_mask
 from firstkit.routed_model import FirstModel, RoutedCache, _pick, eos_ids, load_model
 
-__all__ = ["FirstLM", "register", "default_routers", "load_system_model", "cli", "ENTRY_POINT_GROUP"]
+__all__ = ["FirstLM", "BundleLM", "register", "default_routers", "load_system_model", "cli", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "lm_eval.models"
 DEFAULT_MAX_LENGTH = 2048
@@ -103,10 +103,17 @@ class FirstLM(TemplateLM):
     ``routers``: ``auto`` (default: the shipped default of ``first-export``, routers + merged LoRA),
     ``none``, or a checkpoint folder. ``mask``: ``auto`` (routers decide; all layers without routers),
     ``all``, ``static`` | ``uniform`` | ``random`` | ``last-k`` with ``skip=`` (ratio < 1 or a number of
-    layers), or 0/1 bits (quote them when they start with 0: ``mask='0111...'``).
+    layers), or 0/1 bits (quote them when they start with 0: ``mask='0111...'``). ``bundle=DIR`` scores an
+    exported bundle instead (``BundleLM``).
     """
 
     backend = "causal"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> FirstLM:
+        # bundle=DIR scores an exported bundle instead (same request semantics): see ``BundleLM``
+        if cls is FirstLM and kwargs.get("bundle"):
+            return super().__new__(BundleLM)
+        return super().__new__(cls)
 
     def __init__(self, model: str | FirstModel = "smollm2-135m-instruct", routers: str | None = "auto",
                  mask: str | int = "auto", skip: float | int | None = None, lora: str | None = "auto",
@@ -117,6 +124,8 @@ class FirstLM(TemplateLM):
                  **kwargs: Any) -> None:
         super().__init__()
         kwargs.pop("max_batch_size", None)
+        if kwargs.pop("bundle", None):
+            raise ValueError("bundle= cannot be combined with a loaded model")
         if kwargs:
             raise ValueError(f"unknown firstkit model_args: {', '.join(sorted(kwargs))}")
         if threads:
@@ -415,6 +424,117 @@ class FirstLM(TemplateLM):
             logits = model.forward(nxt[:, None], attention_mask=attn, mask=frozen, cache=cache,
                                    position_ids=positions, logits_to_keep=1).logits[:, -1, :]
         return [postprocess_generated_text(self.tok_decode(g), until, None) for g in gen]
+
+
+class BundleLM(FirstLM):
+    """An exported bundle (``first-export``) behind lm-eval: the quantized program a phone runs.
+
+    ``bundle=DIR`` (``backend=executorch`` | ``onnx``). The bundle's own routers decide in its own ``prefill``
+    (``mask=auto``), or ``mask=all`` / 0/1 bits force a mask through ``mask_override``. Scoring a
+    continuation = prefill of the context under the mask, then one ``decode_step`` per continuation token
+    (the runtime's decode loop), so the log-likelihoods are those of the exported graphs; windows are capped
+    at the bundle's ``max_seq_len``. Requests run one at a time (the program holds one KV cache).
+    """
+
+    def __init__(self, bundle: str, backend: str = "executorch", mask: str | int = "auto",
+                 rolling_prompt: int = 64, max_length: int | None = None, max_gen_toks: int = 256,
+                 threads: int | None = None, add_bos_token: bool | None = None, prefix_token_id: int | None = None,
+                 progress: bool = True, **kwargs: Any) -> None:
+        TemplateLM.__init__(self)
+        for k in ("batch_size", "max_batch_size", "device", "model"):
+            kwargs.pop(k, None)
+        if kwargs:
+            raise ValueError(f"model_args not available with bundle=: {', '.join(sorted(kwargs))}")
+        from firstkit.runtime.runner import load_bundle, parse_mask
+
+        self.runner = load_bundle(bundle, backend=backend, threads=threads)
+        if self.runner.tokenizer is None:
+            raise ValueError(f"bundle {bundle} has no tokenizer")
+        self.model = None  # no eager model: everything runs in the bundle
+        self.tokenizer = self.runner.tokenizer
+        self.mask_name = str(mask)
+        if self.mask_name not in ("auto", "all") and not set(self.mask_name) <= {"0", "1"}:
+            raise ValueError(f"with bundle= mask must be auto, all or 0/1 bits, got {self.mask_name!r}")
+        parse_mask(self.mask_name, self.runner.n_layers, self.runner.protected)  # fails early on bad bits
+        self.skip = None
+        self.fixed = None
+        self.progress = bool(progress)
+        self.rolling_prompt = int(rolling_prompt)
+        self._batch_size = 1
+        cap = int(self.runner.max_seq_len)
+        self._max_length = min(int(max_length), cap) if max_length else cap
+        self._max_gen_toks = int(max_gen_toks)
+        self.add_bos_token = add_bos_token
+        self.custom_prefix_token_id = prefix_token_id
+        self._decided = {}
+        self.mask_log = {}
+        self.prompt_log = {}
+        self.rolling_tokens = {}
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def get_model_info(self) -> dict[str, Any]:
+        m = self.runner.manifest
+        return {"firstkit_bundle": str(self.runner.path), "firstkit_backend": self.runner.backend_name,
+                "firstkit_mask": self.mask_name, "quantization": m.get("quantization"),
+                "bundle_sha256": self.runner.sha256, "num_layers": self.runner.n_layers}
+
+    def decide(self, context: Sequence[int]) -> torch.Tensor:
+        """The bundle's mask for ``context``: its routers' prefill decision, or the forced mask."""
+        key = tuple(int(t) for t in context)
+        if key not in self._decided:
+            _, bits = self.runner.prefill(list(key), self.mask_name)
+            self._decided[key] = torch.tensor(bits, dtype=torch.bool)
+            if len(self._decided) > 4096:
+                self._decided.pop(next(iter(self._decided)))
+        return self._decided[key]
+
+    def _score(self, items: list[tuple[list[int], list[int], torch.Tensor]],
+               progress: tqdm | None = None) -> list[tuple[float, bool]]:
+        out = []
+        for ctx, cont, mask in items:
+            if not cont or len(cont) > self.max_length:
+                raise ValueError(f"continuation of {len(cont)} tokens (max_length {self.max_length})")
+            window = (ctx + cont)[-(self.max_length + 1) :][:-1]
+            n_ctx = len(window) - len(cont) + 1
+            bits = "".join("1" if b else "0" for b in mask.tolist())
+            logits, _ = self.runner.prefill(window[:n_ctx], bits)
+            active = [i for i, b in enumerate(mask.tolist()) if b]
+            total, greedy = 0.0, True
+            for j, tok in enumerate(cont):
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                total += float(logp[tok])
+                greedy = greedy and int(logp.argmax()) == tok
+                if j < len(cont) - 1:
+                    logits = self.runner.backend.decode_step(tok, n_ctx + j, active)
+            out.append((total, greedy))
+            if progress is not None:
+                progress.update(1)
+        return out
+
+    def _generate(self, contexts: list[str], reqs: list[Instance], until: list[str], max_gen: int, max_ctx: int,
+                  kwargs: dict[str, Any]) -> list[str]:
+        if kwargs.get("do_sample"):
+            raise ValueError("bundle= generates greedily only (do_sample=False)")
+        texts = []
+        for context, req in zip(contexts, reqs, strict=True):
+            ids, _ = self._encode_batch([context], min(max_ctx, self.max_length - max_gen + 1))
+            prompt = ids[0].tolist()
+            logits, bits = self.runner.prefill(prompt, self.mask_name)
+            self._log(req, torch.tensor(bits, dtype=torch.bool), len(prompt))
+            active = [i for i, b in enumerate(bits) if b]
+            gen: list[int] = []
+            for step in range(max_gen):
+                tok = int(torch.argmax(logits))
+                gen.append(tok)
+                if tok in self.runner.eos_ids or any(s and s in self.tok_decode(gen[-16:]) for s in until):
+                    break
+                if step < max_gen - 1:
+                    logits = self.runner.backend.decode_step(tok, len(prompt) + step, active)
+            texts.append(postprocess_generated_text(self.tok_decode(gen), until, None))
+        return texts
 
 
 def _without_routers(model: FirstModel) -> FirstModel:

@@ -101,14 +101,24 @@ def differences_table(report: dict[str, Any]) -> str:
             txt = f"{d['value']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]{sig}"
         return f"{d['reference_system']}: {txt}" if named else txt
 
-    lines = ["| task (metric) | system | - base [95 % CI] | - strongest baseline [95 % CI] |", "|---|---|---|---|"]
+    others = [d for d in diffs if d["reference"] not in ("base", "best_baseline")]
+    head = "| task (metric) | system | - base [95 % CI] | - strongest baseline [95 % CI] |"
+    lines = [head + (" - eager / - all layers [95 % CI] |" if others else ""), "|---|---|---|---|" + ("---|" if others
+                                                                                                      else "")]
     for t, s in keys:
         m = main.get(t, next(d["metric"] for d in diffs if d["task"] == t))
-        lines.append(f"| {t} ({m}) | {s} | {cell(by.get((s, 'base', t, m)), False)} | "
-                     f"{cell(by.get((s, 'best_baseline', t, m)), True)} |")
+        row = (f"| {t} ({m}) | {s} | {cell(by.get((s, 'base', t, m)), False)} | "
+               f"{cell(by.get((s, 'best_baseline', t, m)), True)} |")
+        if others:
+            row += " " + "; ".join(cell(d, True) for d in others if d["task"] == t and d["system"] == s
+                                   and d["metric"] == m) + " |"
+        lines.append(row)
     lines.append("")
     lines.append("Differences over the same examples (paired); * = the 95 % interval excludes 0. Perplexity: lower "
-                 "is better, so a negative difference is an improvement.")
+                 "is better, so a negative difference is an improvement."
+                 + (" eager: the bundle against the eager float model with the same weights and mask policy "
+                    "(= quantization); all layers: the same model with and without skipping (= skipping)."
+                    if others else ""))
     return "\n".join(lines) + "\n"
 
 
