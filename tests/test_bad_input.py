@@ -350,8 +350,9 @@ def test_prompt_with_invalid_utf8_is_a_clean_error(tmp_path):
 
 # ------------------------------------------------------------------------------------------- 12. malformed .pte
 def test_native_runner_refuses_malformed_program_with_matching_sha():
-    from test_bench_support import bundle_copy
+    from test_bench_support import adb_server, bundle_copy
 
+    adb_server()  # sets the session's HOME (and so the runner cache) before the first runner(), as the bench tests do
     pkg = runner("linux-x86_64")
     bad = bundle_copy("malformed-pte")
     good = (bad / "model.pte").read_bytes()
