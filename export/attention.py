@@ -41,8 +41,10 @@ def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if scaling is None:
         scaling = d ** -0.5
     q = query.reshape(b * hkv, g * t, d)  # rows ordered (head in group, position)
-    k = key.reshape(b * hkv, s, d)  # views of the cache: no copy
-    v = value.reshape(b * hkv, s, d)
+    # views of the cache, no copy; batch 1 (every exported graph) selects instead of reshaping, since a
+    # reshape of a dynamic-length slice of the cache would guard on it being the whole buffer
+    k = key[0] if b == 1 else key.reshape(b * hkv, s, d)
+    v = value[0] if b == 1 else value.reshape(b * hkv, s, d)
     # K @ q^T, then transpose the small [S, G*T] result: the cache itself is never transposed or copied
     scores = torch.bmm(k, q.transpose(1, 2)).transpose(1, 2) * scaling  # [B*Hkv, G*T, S]
     if softcap is not None:

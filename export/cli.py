@@ -14,10 +14,10 @@ from .pipeline import BACKEND_CHOICES, ExportError, export_bundle
 from .quantize import SCHEMES
 
 
-def _default_output(model: str, scheme: str) -> Path:
+def _default_output(model: str, scheme: str, head_bits: int = 8) -> Path:
     name = Path(model).name if ("/" in model or Path(model).exists()) else model
     name = name.removesuffix(".gguf")
-    return Path("bundles") / f"{name}-{scheme}"
+    return Path("bundles") / f"{name}-{scheme}{'-head4' if head_bits == 4 else ''}"
 
 
 def _main_thread() -> bool:
@@ -67,11 +67,16 @@ def summary_table(result) -> str:
 @click.option("--budget", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
               help="Skip budget of the shipped routers to use with --routers auto (default: shipped default).")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="executorch", show_default=True)
-@click.option("--quantize", "scheme", type=click.Choice(SCHEMES), default="none", show_default=True,
-              help="none = fp32; 8da4w = int8 dynamic activations + int4 weights, int8 head (ExecuTorch), int4 "
-                   "MatMulNBits (ONNX); 8da8w = int8 dynamic activations + int8 weights (ExecuTorch only).")
-@click.option("--max-seq-len", type=click.IntRange(2, 32768), default=512, show_default=True,
-              help="KV-cache length (prompt + generated tokens).")
+@click.option("--quantize", "scheme", type=click.Choice(SCHEMES), default="8da4w", show_default=True,
+              help="8da4w = int8 dynamic activations + int4 weights (ExecuTorch; the bundle a phone runs), int4 "
+                   "MatMulNBits (ONNX); 8da8w = int8 dynamic activations + int8 weights (ExecuTorch only); "
+                   "none = fp32.")
+@click.option("--head-bits", type=click.Choice(["4", "8"]), default="8", show_default=True,
+              help="LM-head weight bits under 8da4w: 8 keeps quality, 4 (as the stock ExecuTorch recipe) reads "
+                   "half the head's bytes per token.")
+@click.option("--max-seq-len", type=click.IntRange(2, 32768), default=2048, show_default=True,
+              help="KV-cache length (prompt + generated tokens). Decode reads only the filled rows, so a long "
+                   "context costs memory, not speed.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Bundle directory (default bundles/<model>-<quantize>). A new path or an empty folder is "
                    "written, an existing bundle (nothing in it but its listed files) replaced; anything else is "
@@ -82,13 +87,13 @@ def summary_table(result) -> str:
 @click.option("--atol", type=float, default=1e-3, show_default=True, help="fp32 logit tolerance.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Runtime threads for verification.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (manifest + timings) on stdout.")
-def main(model: str, routers: str, budget: float | None, backend: str, scheme: str, max_seq_len: int,
+def main(model: str, routers: str, budget: float | None, backend: str, scheme: str, head_bits: str, max_seq_len: int,
          output: Path | None, verify: bool, verify_tokens: int, atol: float, threads: int | None,
          as_json: bool) -> None:
     """Export MODEL's prefill + per-layer decode graphs to a verified bundle."""
     from tqdm import tqdm
 
-    output = output or _default_output(model, scheme)
+    output = output or _default_output(model, scheme, int(head_bits))
     bar = tqdm(desc="first-export", unit="step", file=sys.stderr, disable=as_json and not sys.stderr.isatty())
 
     def progress(msg: str) -> None:
@@ -104,7 +109,7 @@ def main(model: str, routers: str, budget: float | None, backend: str, scheme: s
     try:
         result = export_bundle(model, routers, backend, scheme, max_seq_len, output, verify=verify,
                                threads=threads, verify_tokens=verify_tokens, atol=atol, progress=progress,
-                               budget=budget)
+                               budget=budget, head_bits=int(head_bits))
     except (ExportError, ValueError, FileNotFoundError, OSError) as e:
         bar.close()
         raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None

@@ -43,11 +43,15 @@ def export_programs(core: ExportCore, progress: Callable[[str], None] | None = N
             EmbedMethod(core), (torch.zeros(1, 1, dtype=torch.long),), strict=False
         )
         h = torch.zeros(1, 1, hsz, dtype=torch.float32)
-        pos = torch.zeros(1, dtype=torch.long)
+        example_pos = min(3, core.max_seq_len - 1)
+        pos = torch.tensor([example_pos], dtype=torch.long)
+        kv_positions = torch.arange(example_pos + 1, dtype=torch.long)
+        kv_dim = Dim("kv_len", min=1, max=core.max_seq_len)  # filled cache rows: 0..pos
         for i in range(n):
             if progress:
                 progress(f"layer_{i}")
-            progs[f"layer_{i}"] = torch.export.export(LayerMethod(core, i), (h, pos), strict=False)
+            progs[f"layer_{i}"] = torch.export.export(LayerMethod(core, i), (h, pos, kv_positions),
+                                                      dynamic_shapes=(None, None, {0: kv_dim}), strict=False)
         if progress:
             progress("head")
         progs["head"] = torch.export.export(HeadMethod(core), (h,), strict=False)
@@ -90,6 +94,8 @@ def to_pte_bytes(programs: dict[str, ExportedProgram], constants: dict[str, obje
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
             emit_mutable_buffer_names=True,
             do_quant_fusion_and_const_prop=quantized,
+            # KV writes as one in-place index_put_ (not index_put.out + a copy_ of the whole cache)
+            run_reinplace_pass=True,
         )
     )
     return et.buffer

@@ -6,9 +6,15 @@ method and ExecuTorch can share them (``share_mutable_buffers=True``).
 
 The decoder layers are the Hugging Face modules themselves, called with
 
-* rotary embeddings from the model's own rotary module,
-* an explicit additive attention mask built from the positions (full or sliding window),
+* rotary embeddings from the model's own rotary module, tabulated once for every cache position at
+  construction (a decode step looks its row up instead of recomputing cos/sin in every layer),
+* an explicit additive attention mask built from the positions (prefill; sliding-window layers in decode),
 * a duck-typed cache object whose ``update`` writes into the registered buffers.
+
+A decode step reads only the filled part of the cache: ``layer_i`` takes ``kv_positions`` (``0..pos``, int64),
+whose *length* is the number of filled rows, and attends over ``cache[:, :, :len]`` instead of the whole
+static buffer under a mask. The new row is written with one in-place ``index_put_`` (the ExecuTorch lowering
+runs the re-inplace pass), so no layer copies or writes back its whole cache.
 
 Routing semantics follow docs/CONTRACTS.md exactly.
 """
@@ -81,15 +87,16 @@ class _StaticCache:
 
     mode ``prefill``: positions ``0..T-1``; the write keeps the old buffer contents where the
     layer does not run (``where(run, new, old)``) and attention uses the fresh keys only.
-    mode ``decode``: one position ``input_pos``; attention sees the whole buffer (masked).
+    mode ``decode``: one position ``input_pos``; attention sees the first ``kv_len`` rows (the filled ones).
     """
 
     def __init__(self, core: ExportCore, mode: str, run: torch.Tensor | None = None,
-                 input_pos: torch.Tensor | None = None) -> None:
+                 input_pos: torch.Tensor | None = None, kv_len: int | torch.SymInt | None = None) -> None:
         self.core = core
         self.mode = mode
         self.run = run
         self.input_pos = input_pos
+        self.kv_len = kv_len
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         kb = self.core.get_buffer(f"k_cache_{layer_idx}")
@@ -107,7 +114,9 @@ class _StaticCache:
             return key, value
         kb.index_copy_(2, self.input_pos, key)
         vb.index_copy_(2, self.input_pos, value)
-        return kb, vb
+        if self.kv_len is None:
+            return kb, vb
+        return kb[:, :, : self.kv_len], vb[:, :, : self.kv_len]
 
 
 def _rotary_takes_layer_type(rotary: nn.Module) -> bool:
@@ -150,11 +159,21 @@ class ExportCore(nn.Module):
             prot[i % self.n_layers] = True
         self.register_buffer("protected", prot, persistent=False)
         self.max_seq_len = int(max_seq_len)
-        shape = (1, self.parts.num_kv_heads, self.max_seq_len, self.parts.head_dim)
+        # one spare row: the filled prefix ``[:n]`` (n <= max_seq_len) is then never the whole buffer, which
+        # torch.export would otherwise specialize on (the slice's contiguity differs at n == rows)
+        shape = (1, self.parts.num_kv_heads, self.max_seq_len + 1, self.parts.head_dim)
         for i in range(self.n_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=cache_dtype), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=cache_dtype), persistent=False)
         self._rotary_layer_type = _rotary_takes_layer_type(self.parts.rotary_emb)
+        # cos/sin for every cache position, per layer type: a decode step looks its row up (one index_select)
+        positions = torch.arange(self.max_seq_len, dtype=torch.long)[None]
+        probe = torch.zeros(1, 1, self.parts.hidden_size)
+        with torch.no_grad():
+            for lt in sorted(set(self.parts.layer_types)):
+                cos, sin = self._rotary(probe, positions, lt)
+                self.register_buffer(f"rope_cos_{lt}", cos[0].float().contiguous(), persistent=False)
+                self.register_buffer(f"rope_sin_{lt}", sin[0].float().contiguous(), persistent=False)
 
     # ---- pieces -------------------------------------------------------------------------
     def _rotary(self, h: torch.Tensor, position_ids: torch.Tensor, layer_type: str):
@@ -206,26 +225,41 @@ class ExportCore(nn.Module):
         """Positions, per-layer-type attention masks and rotary embeddings for a prompt of ``t`` tokens."""
         pos = torch.arange(t, dtype=torch.long, device=h.device)
         masks = {lt: self._attn_mask(pos, t, lt) for lt in set(self.parts.layer_types)}
-        ropes = {lt: self._rotary(h, pos[None], lt) for lt in set(self.parts.layer_types)}
+        ropes = {lt: self.rope_at(pos, lt) for lt in set(self.parts.layer_types)}
         return pos, masks, ropes
 
-    def layer_with_cache(self, i: int, h: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.Tensor:
-        """Layer ``i`` for one token at ``input_pos`` with any cache object (``update`` returns full K/V)."""
+    def rope_at(self, input_pos: torch.Tensor, layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) ``[1, Tq, D]`` for query positions ``input_pos`` (int64 [Tq]) from the tables."""
+        cos = self.get_buffer(f"rope_cos_{layer_type}").index_select(0, input_pos)[None]
+        sin = self.get_buffer(f"rope_sin_{layer_type}").index_select(0, input_pos)[None]
+        return cos, sin
+
+    def decode_mask(self, input_pos: torch.Tensor, kv_positions: torch.Tensor, layer_type: str):
+        """Additive mask ``[1, 1, 1, n]`` over the filled rows, or ``None`` when every filled row is visible.
+
+        Full attention sees all of ``0..pos``; a sliding-window layer hides rows older than its window.
+        """
+        if layer_type != "sliding_attention" or not self.parts.sliding_window:
+            return None
+        allowed = kv_positions > input_pos - self.parts.sliding_window
+        zero = torch.zeros((), dtype=torch.float32)
+        neg = torch.full((), NEG_INF, dtype=torch.float32)
+        return torch.where(allowed, zero, neg)[None, None, None]
+
+    def layer_with_cache(self, i: int, h: torch.Tensor, input_pos: torch.Tensor, kv_positions: torch.Tensor,
+                         cache) -> torch.Tensor:
+        """Layer ``i`` for one token at ``input_pos`` attending the rows ``kv_positions`` (= ``0..pos``)."""
         lt = self.parts.layer_types[i]
-        position_ids = input_pos[None]
-        rope = self._rotary(h, position_ids, lt)
-        attn_mask = self._attn_mask(input_pos, self.max_seq_len, lt)
-        return self._call_layer(i, h, position_ids, attn_mask, cache, rope)
+        rope = self.rope_at(input_pos, lt)
+        attn_mask = self.decode_mask(input_pos, kv_positions, lt)
+        return self._call_layer(i, h, input_pos[None], attn_mask, cache, rope)
 
     # ---- methods ------------------------------------------------------------------------
     def prefill(self, tokens: torch.Tensor, mask_override: torch.Tensor):
         """tokens int64 [1, T], mask_override int64 [L] -> (logits [1, V], mask int64 [L])."""
         h = self.parts.embed_tokens(tokens)
-        t = tokens.shape[1]
-        pos = torch.arange(t, dtype=torch.long, device=tokens.device)
+        pos, masks, ropes = self.prompt_context(h, tokens.shape[1])
         position_ids = pos[None]
-        masks = {lt: self._attn_mask(pos, t, lt) for lt in set(self.parts.layer_types)}
-        ropes = {lt: self._rotary(h, position_ids, lt) for lt in set(self.parts.layer_types)}
         runs = []
         for i in range(self.n_layers):
             lt = self.parts.layer_types[i]
@@ -241,9 +275,13 @@ class ExportCore(nn.Module):
         """token int64 [1, 1] -> hidden [1, 1, H]."""
         return self.parts.embed_tokens(token).float()
 
-    def layer(self, i: int, h: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """One decoder layer for one token at position ``input_pos`` (int64 [1])."""
-        return self.layer_with_cache(i, h, input_pos, _StaticCache(self, "decode", input_pos=input_pos))
+    def layer(self, i: int, h: torch.Tensor, input_pos: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
+        """One decoder layer for one token at ``input_pos`` (int64 [1]); ``kv_positions`` = ``0..pos`` (int64).
+
+        Only the ``len(kv_positions)`` filled cache rows are read (the length is a dynamic dimension).
+        """
+        cache = _StaticCache(self, "decode", input_pos=input_pos, kv_len=kv_positions.shape[0])
+        return self.layer_with_cache(i, h, input_pos, kv_positions, cache)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """hidden [1, 1, H] -> logits [1, V]."""
@@ -279,15 +317,15 @@ class EmbedMethod(nn.Module):
 
 
 class LayerMethod(nn.Module):
-    """``layer_i(hidden, input_pos) -> hidden``."""
+    """``layer_i(hidden, input_pos, kv_positions) -> hidden``."""
 
     def __init__(self, core: ExportCore, index: int) -> None:
         super().__init__()
         self.core = core
         self.index = index
 
-    def forward(self, h: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        return self.core.layer(self.index, h, input_pos)
+    def forward(self, h: torch.Tensor, input_pos: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
+        return self.core.layer(self.index, h, input_pos, kv_positions)
 
 
 class HeadMethod(nn.Module):

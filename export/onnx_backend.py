@@ -1,8 +1,11 @@
 """ONNX export: a prefill model (mask + KV out) and a decode model with one ``If`` per layer.
 
-Both reuse the :class:`~firstkit.export.graph.ExportCore` pieces (same HF layers, rotary, masks,
-routers); the KV cache is explicit graph inputs/outputs with the standard names
-``past_key_values.{i}.key/value`` and ``present.{i}.key/value`` (static length ``max_seq_len``).
+Both reuse the :class:`~firstkit.export.graph.ExportCore` pieces (same HF layers, rotary tables, masks,
+routers). The KV cache is owned by the runtime, not the graphs: prefill returns each layer's keys/values for
+the prompt (``present.{i}.key/value``, ``[1, Hkv, T, D]``), decode takes each layer's *filled* rows only
+(``past_key_values.{i}.key/value``, ``[1, Hkv, P_i, D]``, ``P_i`` dynamic per layer) and returns the new
+token's row (``new.{i}.key/value``, ``[1, Hkv, 1, D]``), which the runtime writes into its cache in place.
+A skipped layer's ``If`` branch runs nothing; the runtime holds no cache for it and passes a 1-row stub.
 """
 
 from __future__ import annotations
@@ -22,21 +25,19 @@ OPSET = 18
 
 
 class _CollectCache:
-    """Functional cache: prefill keeps the fresh K/V; decode returns ``past`` with ``input_pos`` written."""
+    """Functional cache: prefill keeps the fresh K/V; decode appends the new row to the filled ``past``."""
 
-    def __init__(self, past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None,
-                 input_pos: torch.Tensor | None = None) -> None:
-        self.past_k, self.past_v, self.input_pos = past_k, past_v, input_pos
+    def __init__(self, past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None) -> None:
+        self.past_k, self.past_v = past_k, past_v
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.k, self.v = key, value
         if self.past_k is None:
-            self.k, self.v = key, value
             return key, value
-        self.k = self.past_k.index_copy(2, self.input_pos, key.to(self.past_k.dtype))
-        self.v = self.past_v.index_copy(2, self.input_pos, value.to(self.past_v.dtype))
-        return self.k, self.v
+        k = torch.cat([self.past_k, key.to(self.past_k.dtype)], 2)
+        return k, torch.cat([self.past_v, value.to(self.past_v.dtype)], 2)
 
 
 class OnnxPrefill(nn.Module):
@@ -59,15 +60,12 @@ class OnnxPrefill(nn.Module):
             cache = _CollectCache()
             new_h = core._call_layer(i, h, pos[None], masks[lt], cache, ropes[lt])
             h = torch.where(run, new_h, h)
-            pad = core.max_seq_len - t
-            for kv in (cache.k, cache.v):
-                full = torch.nn.functional.pad(kv.float(), (0, 0, 0, pad))
-                presents.append(torch.where(run, full, torch.zeros_like(full)))
+            presents += [torch.where(run, kv.float(), torch.zeros_like(kv.float())) for kv in (cache.k, cache.v)]
         return (core._logits(h[:, -1, :]), torch.stack(runs).to(torch.long), *presents)
 
 
 class OnnxDecode(nn.Module):
-    """``(input_ids[1, 1], input_pos[1], mask[L], past...) -> (logits[1, V], present...)``; ``If`` per layer."""
+    """``(input_ids[1, 1], input_pos[1], mask[L], past...) -> (logits[1, V], new...)``; ``If`` per layer."""
 
     def __init__(self, core: ExportCore) -> None:
         super().__init__()
@@ -76,26 +74,31 @@ class OnnxDecode(nn.Module):
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor, *past: torch.Tensor):
         core = self.core
         h = core.embed(input_ids)
-        presents = []
+        news = []
         for i in range(core.n_layers):
             def run_layer(h, pk, pv, pos, i=i):
-                cache = _CollectCache(pk, pv, pos)
-                out = core.layer_with_cache(i, h, pos, cache)
-                return out, cache.k, cache.v
+                cache = _CollectCache(pk, pv)
+                kv_positions = torch.arange(pk.shape[2] + 1, dtype=torch.long)
+                out = core.layer_with_cache(i, h, pos, kv_positions, cache)
+                # standard strides: the new row is a transposed view, and both branches must agree on layout
+                rows = [x.float().clone(memory_format=torch.contiguous_format) for x in (cache.k, cache.v)]
+                return out, *rows
 
             def skip_layer(h, pk, pv, pos):
-                return h.clone(), pk.clone(), pv.clone()
+                row = torch.zeros(pk.shape[0], pk.shape[1], 1, pk.shape[3], dtype=torch.float32)
+                return h.clone(), row, row.clone()
 
             h, nk, nv = torch.cond(mask[i] > 0, run_layer, skip_layer, (h, past[2 * i], past[2 * i + 1], input_pos))
-            presents += [nk, nv]
-        return (core.head(h), *presents)
+            news += [nk, nv]
+        return (core.head(h), *news)
 
 
 def _io_names(n: int) -> tuple[list[str], list[str], list[str], list[str]]:
     kv_in = [f"past_key_values.{i}.{k}" for i in range(n) for k in ("key", "value")]
     kv_out = [f"present.{i}.{k}" for i in range(n) for k in ("key", "value")]
+    kv_new = [f"new.{i}.{k}" for i in range(n) for k in ("key", "value")]
     return (["input_ids", "mask_override"], ["logits", "mask", *kv_out],
-            ["input_ids", "input_pos", "mask", *kv_in], ["logits", *kv_out])
+            ["input_ids", "input_pos", "mask", *kv_in], ["logits", *kv_new])
 
 
 def quantize_int4(path: Path, block_size: int = 32) -> None:
@@ -140,11 +143,15 @@ def write_onnx(first_model, core: ExportCore, out_dir: Path, scheme: str,
         if progress:
             progress("onnx decode")
         t0 = time.perf_counter()
-        past = tuple(torch.zeros(1, hkv, s, d) for _ in range(2 * n))
-        args = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+        example_p = min(3, s - 1)
+        past = tuple(torch.zeros(1, hkv, example_p, d) for _ in range(2 * n))
+        args = (torch.zeros(1, 1, dtype=torch.long), torch.tensor([example_p], dtype=torch.long),
                 torch.ones(n, dtype=torch.long), *past)
+        # every layer's filled length is its own dimension (a skipped layer gets a 1-row stub)
+        dims = [{2: torch.export.Dim(f"past_{i}_{k}", min=1, max=s - 1)} for i in range(n) for k in "kv"]
         prog = torch.onnx.export(OnnxDecode(core).eval(), args, dynamo=True, input_names=din, output_names=dout,
-                                 opset_version=OPSET, optimize=True, verbose=False)
+                                 dynamic_shapes=(None, None, None, tuple(dims)), opset_version=OPSET, optimize=True,
+                                 verbose=False)
         prog.save(str(out_dir / DECODE_FILE))
         timings["decode_s"] = time.perf_counter() - t0
     quant = {"scheme": "none", "dtype": "float32"}
@@ -155,7 +162,7 @@ def write_onnx(first_model, core: ExportCore, out_dir: Path, scheme: str,
             quantize_int4(out_dir / f)
         quant = {"scheme": "int4-matmulnbits", "block_size": 32, "symmetric": True,
                  "note": "float activations; embeddings and non-MatMul ops stay float32"}
-    kv_shape = [1, hkv, s, d]
+    kv_shape = [1, hkv, "T", d]
     return {
         "prefill": {"file": PREFILL_FILE,
                     "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [1, "T"]},
@@ -167,10 +174,11 @@ def write_onnx(first_model, core: ExportCore, out_dir: Path, scheme: str,
                    "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [1, 1]},
                               {"name": "input_pos", "dtype": "int64", "shape": [1]},
                               {"name": "mask", "dtype": "int64", "shape": [n]}]
-                   + [{"name": x, "dtype": "float32", "shape": kv_shape} for x in din[3:]],
+                   + [{"name": x, "dtype": "float32", "shape": [1, hkv, "P", d]} for x in din[3:]],
                    "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, core.parts.vocab_size]}]
-                   + [{"name": x, "dtype": "float32", "shape": kv_shape} for x in dout[1:]],
-                   "layer_gating": "one ONNX If per layer on mask[i] (skipped branch passes the cache through)"},
+                   + [{"name": x, "dtype": "float32", "shape": [1, hkv, 1, d]} for x in dout[1:]],
+                   "layer_gating": ("one ONNX If per layer on mask[i]; past = the layer's filled rows 0..pos-1 "
+                                    "(a 1-row stub when skipped); new = the row to write at pos")},
         "opset": OPSET,
         "quantization": quant,
         "session_options": {"session.intra_op.allow_spinning": "0"},

@@ -32,7 +32,8 @@ MASK_SEMANTICS = {
     "router": ("layer i runs iff logit_i >= log(t/(1-t)) or i is protected; logit_i = out_i(silu(proj_i(pooled))), "
                "pooled = mean over prompt tokens of h*rsqrt(mean(h^2)+1e-6), h = hidden state entering layer i"),
     "frozen": "decided once in prefill and frozen for the whole decode; skipped layers never run and write no KV",
-    "decode": "h = embed(tok); for i with mask[i]: h = layer_i(h, [pos]); logits = head(h); pos = index in sequence",
+    "decode": ("h = embed(tok); for i with mask[i]: h = layer_i(h, [pos], [0..pos]); logits = head(h); "
+               "pos = index in sequence"),
 }
 
 
@@ -92,10 +93,11 @@ def load_first_model(model: str, routers: str | None):
     return fm
 
 
-def build_core(first_model, scheme: str, max_seq_len: int, group_size: int = 32) -> tuple[ExportCore, dict]:
+def build_core(first_model, scheme: str, max_seq_len: int, group_size: int = 32,
+               head_bits: int = 8) -> tuple[ExportCore, dict]:
     """Steps 2-3: quantize a private copy once, then one ExportCore instance for every method."""
     base = detached_base(first_model)
-    qinfo = quantize(base, scheme, group_size)
+    qinfo = quantize(base, scheme, group_size, head_bits)
     routers = None
     if first_model.routers is not None:
         import copy
@@ -140,7 +142,9 @@ def _method_signatures(n: int, h: int, v: int, s: int) -> dict:
     }
     for i in range(n):
         sig[f"layer_{i}"] = {"inputs": [{"name": "hidden", "dtype": "float32", "shape": [1, 1, h]},
-                                        {"name": "input_pos", "dtype": "int64", "shape": [1]}],
+                                        {"name": "input_pos", "dtype": "int64", "shape": [1]},
+                                        {"name": "kv_positions", "dtype": "int64", "shape": ["pos+1"],
+                                         "values": "0..input_pos; its length = filled cache rows read"}],
                              "outputs": [{"name": "hidden", "dtype": "float32", "shape": [1, 1, h]}]}
     return sig
 
@@ -342,7 +346,7 @@ def _atomic_publish(tmp: Path, dest: Path) -> None:
 def export_bundle(model: str, routers: str | None, backend: str, scheme: str, max_seq_len: int, output: Path,
                   verify: bool = True, threads: int | None = None, verify_tokens: int = 8, atol: float = 1e-3,
                   progress: Callable[[str], None] | None = None, first_model=None,
-                  budget: float | None = None) -> ExportResult:
+                  budget: float | None = None, head_bits: int = 8) -> ExportResult:
     """Run every step; on any failure nothing is left at ``output``."""
     if backend not in BACKEND_CHOICES:
         raise ExportError(f"unknown backend {backend!r}; choose from {', '.join(BACKEND_CHOICES)}")
@@ -350,6 +354,8 @@ def export_bundle(model: str, routers: str | None, backend: str, scheme: str, ma
         raise ExportError(f"unknown quantization {scheme!r}; choose from {', '.join(SCHEMES)}")
     if scheme not in ("none", "8da4w") and backend in ("onnx", "all"):
         raise ExportError(f"--quantize {scheme} is ExecuTorch only (ONNX has none and 8da4w = int4 MatMulNBits)")
+    if head_bits != 8 and scheme != "8da4w":
+        raise ExportError(f"--head-bits {head_bits} applies to --quantize 8da4w only (got {scheme})")
     if max_seq_len < 2:
         raise ExportError("--max-seq-len must be >= 2")
     output = Path(output)
@@ -370,7 +376,7 @@ def export_bundle(model: str, routers: str | None, backend: str, scheme: str, ma
     t = time.perf_counter()
     if progress:
         progress(f"quantize ({scheme})")
-    core, qinfo = build_core(first_model, scheme, max_seq_len)
+    core, qinfo = build_core(first_model, scheme, max_seq_len, head_bits=head_bits)
     timings["quantize_s"] = time.perf_counter() - t
     manifest = build_manifest(first_model, core, qinfo, policy, routers_path, model)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,11 @@ import copy
 import torch
 from torch import nn
 
-#: ``8da4w``: smallest (about 18 % of the fp32 .pte for SmolLM2-135M) but 4-bit weights cost a model this small
-#: ~30-45 % perplexity; ``8da8w``: about 25 % of fp32, perplexity within ~2 % of fp32 (docs/results_export.md).
+#: ``8da4w``: smallest (about 18 % of the fp32 .pte for SmolLM2-135M), 4-bit decoder weights with HQQ scales;
+#: ``8da8w``: about 25 % of fp32, perplexity within a few % of fp32. Measured costs: docs/results_export.md.
 SCHEMES = ("none", "8da4w", "8da8w")
+#: LM-head weight precision for ``8da4w``: 8 (default, quality) or 4 (as the stock ExecuTorch recipe).
+HEAD_BITS = (4, 8)
 
 
 def detached_base(first_model) -> nn.Module:
@@ -138,12 +140,14 @@ def quantize_8da8w(base: nn.Module) -> dict:
     return quantize_dynamic(base, 8, head_bits=8)
 
 
-def quantize(base: nn.Module, scheme: str, group_size: int = 32) -> dict:
-    """Apply ``scheme`` in place; return a description for the manifest."""
+def quantize(base: nn.Module, scheme: str, group_size: int = 32, head_bits: int = 8) -> dict:
+    """Apply ``scheme`` in place; return a description for the manifest (``head_bits``: 8da4w's LM head)."""
+    if head_bits not in HEAD_BITS:
+        raise ValueError(f"head bits must be one of {HEAD_BITS}, got {head_bits}")
     if scheme == "none":
         return {"scheme": "none", "dtype": "float32"}
     if scheme == "8da4w":
-        return quantize_8da4w(base, group_size)
+        return quantize_8da4w(base, group_size, head_bits)
     if scheme == "8da8w":
         return quantize_8da8w(base)
     raise ValueError(f"unknown quantization {scheme!r}; choose from {', '.join(SCHEMES)}")

@@ -498,7 +498,7 @@ def test_real_default_model_through_the_app_logic(tmp_path):
     bundle = os.environ.get("FIRSTKIT_REAL_BUNDLE")
     if not bundle:
         bundle = tmp_path / "smollm2"
-        res = CliRunner().invoke(export_main, ["--output", str(bundle), "--max-seq-len", "96"])
+        res = CliRunner().invoke(export_main, ["--output", str(bundle), "--max-seq-len", "96", "--quantize", "none"])
         assert res.exit_code == 0, res.output
     bundle = Path(bundle)
     prompt = "What is the capital of France?"

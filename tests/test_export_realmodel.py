@@ -19,7 +19,8 @@ def test_real_default_model_executorch_fp32(tmp_path):
     from firstkit.runtime.cli import main as run_main
 
     out = tmp_path / "smollm2"
-    res = CliRunner().invoke(export_main, ["--output", str(out), "--json", "--verify-tokens", "6"])
+    res = CliRunner().invoke(export_main, ["--output", str(out), "--json", "--verify-tokens", "6",
+                                                "--quantize", "none"])
     assert res.exit_code == 0, res.output
     js = json.loads(res.stdout.strip().splitlines()[-1])
     m = js["manifest"]

@@ -83,7 +83,8 @@ def tiny_bundle(arch: str) -> tuple[Path, dict]:
     model_dir, router_dir = tiny_folders(arch)
     out = _ROOT / f"{arch}-bundle"
     res = CliRunner().invoke(main, ["--model", str(model_dir), "--routers", str(router_dir), "--max-seq-len",
-                                    str(TINY_MAX_SEQ), "--output", str(out), "--backend", "all", "--json"])
+                                    str(TINY_MAX_SEQ), "--output", str(out), "--backend", "all", "--quantize", "none",
+                                    "--json"])
     assert res.exit_code == 0, res.output
     return out, json.loads(res.stdout.strip().splitlines()[-1])
 

@@ -13,25 +13,16 @@ import torch
 
 
 class PythonReference:
-    """Loads ``model.pte`` once; ``generate`` mirrors the native runner's greedy loop."""
+    """Loads ``model.pte`` once; ``generate`` runs the Python runtime's decode loop (``ExecuTorchBackend``)."""
 
     def __init__(self, bundle: str | Path, pte: str = "model.pte") -> None:
-        from executorch.runtime import Runtime
+        from firstkit.runtime.backends import ExecuTorchBackend
 
-        try:  # quantized bundles need these kernels registered in the Python runtime
-            import executorch.kernels.quantized  # noqa: F401
-        except Exception:  # noqa: BLE001
-            pass
-        self.program = Runtime.get().load_program(Path(bundle) / pte)
-        self.n_layers = int(self.program.load_method("get_n_layers").execute([])[0])
-        self.eos = [int(x) for x in self.program.load_method("get_eos_ids").execute([])]
-        self._methods: dict[str, object] = {}
+        self.backend = ExecuTorchBackend(Path(bundle) / pte)
+        self.n_layers = self.backend.n_layers
+        eos = self.backend.constant("get_eos_ids")
+        self.eos = eos if isinstance(eos, list) else [eos]
         self._lock = threading.Lock()
-
-    def _m(self, name: str):
-        if name not in self._methods:
-            self._methods[name] = self.program.load_method(name)
-        return self._methods[name]
 
     def generate(self, prompt: list[int], max_new_tokens: int, mask_override: list[int] | None = None,
                  stop_at_eos: bool = True) -> tuple[list[int], str]:
@@ -39,18 +30,13 @@ class PythonReference:
         with self._lock:
             override = torch.tensor(mask_override if mask_override is not None else [-1] * self.n_layers,
                                     dtype=torch.int64)
-            logits, mask = self._m("prefill").execute([torch.tensor([prompt], dtype=torch.int64), override])
-            bits = [int(b) for b in mask.tolist()]
-            out = [int(torch.argmax(logits.reshape(-1, logits.shape[-1])[-1]))]
+            logits, bits = self.backend.prefill(torch.tensor([prompt], dtype=torch.int64), override)
+            active = [i for i, b in enumerate(bits) if b]
+            out = [int(torch.argmax(logits))]
             pos = len(prompt)
             eos = set(self.eos) if stop_at_eos else set()
             while len(out) < max_new_tokens and out[-1] not in eos:
-                h = self._m("embed").execute([torch.tensor([[out[-1]]], dtype=torch.int64)])[0].clone()
-                for i in range(self.n_layers):
-                    if bits[i]:
-                        h = self._m(f"layer_{i}").execute([h, torch.tensor([pos], dtype=torch.int64)])[0].clone()
-                logits = self._m("head").execute([h])[0]
-                out.append(int(torch.argmax(logits.reshape(-1, logits.shape[-1])[-1])))
+                out.append(int(torch.argmax(self.backend.decode_step(out[-1], pos, active))))
                 pos += 1
             return out, "".join(str(b) for b in bits)
 

@@ -2,7 +2,8 @@
 
 Both expose the same four calls (CONTRACTS.md):
 ``prefill(ids[1, T], override[L]) -> (logits[V], mask[L])``, ``embed(token) -> h``,
-``layer(i, h, pos) -> h``, ``head(h) -> logits[V]``. ``decode_step`` strings them together.
+``layer(i, h, pos) -> h``, ``head(h) -> logits[V]``. ``decode_step`` strings them together: the one decode
+loop of the Python side (the verifier and the bench's reference runs call it too).
 """
 
 from __future__ import annotations
@@ -27,15 +28,17 @@ class ExecuTorchBackend:
 
     name = "executorch"
 
-    def __init__(self, pte_path: str | Path, n_layers: int, threads: int | None = None) -> None:
+    def __init__(self, pte_path: str | Path, n_layers: int | None = None, threads: int | None = None) -> None:
         import executorch.kernels.quantized  # noqa: F401  (registers quantized kernels for 8da4w)
         from executorch.runtime import Runtime
 
         if threads:
             set_executorch_threads(threads)
-        self.n_layers = n_layers
         try:
             self.program = Runtime.get().load_program(Path(pte_path))
+            self.n_layers = n_layers = n_layers if n_layers is not None else self.constant("get_n_layers")
+            # layer_i's kv_positions input is 0..pos: a prefix view of this (its length = filled cache rows)
+            self.positions = torch.arange(self.constant("get_max_seq_len"), dtype=torch.long)
             names = set(self.program.method_names)
             wanted = ["prefill", "embed", "head", *(f"layer_{i}" for i in range(n_layers))]
             missing = [m for m in wanted if m not in names]
@@ -59,8 +62,10 @@ class ExecuTorchBackend:
     def embed(self, token: torch.Tensor) -> torch.Tensor:
         return self.methods["embed"].execute([token])[0].clone()
 
-    def layer(self, i: int, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.methods[f"layer_{i}"].execute([h, pos])[0].clone()
+    def layer(self, i: int, h: torch.Tensor, pos: int) -> torch.Tensor:
+        """Layer ``i`` for the token at ``pos``; it reads the cache rows ``0..pos`` only."""
+        kv_positions = self.positions[: pos + 1]
+        return self.methods[f"layer_{i}"].execute([h, kv_positions[pos:], kv_positions])[0].clone()
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.methods["head"].execute([h])[0].clone().reshape(-1)
@@ -68,17 +73,17 @@ class ExecuTorchBackend:
     def decode_step(self, token: int, pos: int, active: list[int]) -> torch.Tensor:
         """Logits after feeding ``token`` at ``pos`` through the ``active`` layers only."""
         h = self.embed(torch.tensor([[token]], dtype=torch.long))
-        p = torch.tensor([pos], dtype=torch.long)
         for i in active:
-            h = self.layer(i, h, p)
+            h = self.layer(i, h, pos)
         return self.head(h)
 
 
 class OnnxBackend:
     """Runs the ONNX prefill and decode models through onnxruntime; the KV cache lives here in numpy.
 
-    The decode model has one ``If`` per layer driven by the ``mask`` input: a skipped layer's
-    subgraph is not executed and its cache is passed through untouched.
+    The decode model has one ``If`` per layer driven by the ``mask`` input: a skipped layer's subgraph is not
+    executed, and this runtime holds no cache for it. A running layer gets its filled rows ``0..pos-1`` and
+    returns the new row, written here in place at ``pos``.
     """
 
     name = "onnx"
@@ -102,26 +107,38 @@ class OnnxBackend:
                                                     providers=["CPUExecutionProvider"])
         except Exception as e:
             raise BundleError(f"{root}: onnxruntime could not load the ONNX models ({e})") from e
-        self.kv: list[np.ndarray] | None = None
-        self.mask: np.ndarray | None = None
+        self.kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # running layer -> (K, V) [1, Hkv, S, D]
+        self._stub: np.ndarray | None = None
 
     def prefill(self, ids: torch.Tensor, override: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         outs = self.prefill_sess.run(None, {"input_ids": ids.numpy(), "mask_override": override.numpy()})
-        logits, mask = outs[0], outs[1]
-        self.kv = [np.ascontiguousarray(x) for x in outs[2:]]
-        self.mask = mask.astype(np.int64)
-        return torch.from_numpy(logits.copy()).reshape(-1), [int(x) for x in mask.tolist()]
+        logits, mask = outs[0], [int(x) for x in outs[1].tolist()]
+        t = ids.shape[1]
+        self.kv = {}
+        for i in (i for i, b in enumerate(mask) if b):
+            k, v = outs[2 + 2 * i], outs[3 + 2 * i]
+            shape = (*k.shape[:2], self.max_seq_len, k.shape[3])
+            self.kv[i] = (np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32))
+            self.kv[i][0][:, :, :t] = k
+            self.kv[i][1][:, :, :t] = v
+        self._stub = np.zeros((*outs[2].shape[:2], 1, outs[2].shape[3]), dtype=np.float32)
+        return torch.from_numpy(logits.copy()).reshape(-1), mask
 
     def decode_step(self, token: int, pos: int, active: list[int]) -> torch.Tensor:
-        if self.kv is None:
+        if self._stub is None:
             raise RuntimeError("decode before prefill")
+        if any(i not in self.kv for i in active):
+            raise RuntimeError("decode asks for a layer that did not run in prefill (mask changed?)")
         mask = np.zeros(self.n_layers, dtype=np.int64)
         mask[active] = 1
         feeds = {"input_ids": np.array([[token]], dtype=np.int64), "input_pos": np.array([pos], dtype=np.int64),
                  "mask": mask}
         for i in range(self.n_layers):
-            feeds[f"past_key_values.{i}.key"] = self.kv[2 * i]
-            feeds[f"past_key_values.{i}.value"] = self.kv[2 * i + 1]
+            k, v = (self.kv[i][0][:, :, :pos], self.kv[i][1][:, :, :pos]) if i in self.kv else (self._stub,) * 2
+            feeds[f"past_key_values.{i}.key"] = np.ascontiguousarray(k)
+            feeds[f"past_key_values.{i}.value"] = np.ascontiguousarray(v)
         outs = self.decode_sess.run(None, feeds)
-        self.kv = outs[1:]
+        for i in active:
+            self.kv[i][0][:, :, pos] = outs[1 + 2 * i][:, :, 0]
+            self.kv[i][1][:, :, pos] = outs[2 + 2 * i][:, :, 0]
         return torch.from_numpy(outs[0]).reshape(-1)

@@ -377,22 +377,26 @@ class RunnerImpl final : public Runner {
     bool go = on_token ? on_token(next, 0) : true;
     int64_t pos = T;
     std::vector<float> hidden;
-    int64_t token_in = 0, pos_in = 0;
+    int64_t token_in = 0;
     auto token_t = et::extension::from_blob(&token_in, {1, 1}, ScalarType::Long);
-    auto pos_t = et::extension::from_blob(&pos_in, {1}, ScalarType::Long);
+    // layer_i(hidden, input_pos, kv_positions): kv_positions = 0..pos, a prefix of this table whose length
+    // is the number of filled cache rows (the layer reads only those); input_pos = its last element
+    std::vector<int64_t> positions(size_t(info_.max_seq_len));
+    for (size_t i = 0; i < positions.size(); ++i) positions[i] = int64_t(i);
     et::extension::TensorPtr hidden_t;
 
     while (go && static_cast<int>(res.tokens.size()) < g.max_new_tokens && !(g.stop_at_eos && eos.count(next))) {
       auto s0 = clock::now();
       token_in = next;
-      pos_in = pos;
+      auto pos_t = et::extension::from_blob(&positions[size_t(pos)], {1}, ScalarType::Long);
+      auto kv_t = et::extension::from_blob(positions.data(), {static_cast<int>(pos + 1)}, ScalarType::Long);
       auto er = exec("embed", {EValue(*token_t)});
       if (!er.ok()) throw RunnerError("embed failed: " + err_text(er.error()));
       copy_float(er.get().at(0).toTensor(), hidden);  // outputs may alias shared arenas: copy now
       if (!hidden_t)
         hidden_t = et::extension::from_blob(hidden.data(), {1, 1, static_cast<int>(hidden.size())}, ScalarType::Float);
       for (const std::string& name : layer_names) {
-        auto lr = exec(name, {EValue(*hidden_t), EValue(*pos_t)});
+        auto lr = exec(name, {EValue(*hidden_t), EValue(*pos_t), EValue(*kv_t)});
         if (!lr.ok()) throw RunnerError(name + " failed: " + err_text(lr.error()));
         copy_float(lr.get().at(0).toTensor(), hidden);
       }

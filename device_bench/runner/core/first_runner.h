@@ -8,7 +8,8 @@
 // manifest.json + model.pte with the methods
 //   prefill(tokens int64[1,T], mask_override int64[L]) -> (logits float32[1,V], mask int64[L])
 //   embed(token int64[1,1]) -> hidden float32[1,1,H]
-//   layer_{i}(hidden float32[1,1,H], input_pos int64[1]) -> hidden float32[1,1,H]
+//   layer_{i}(hidden float32[1,1,H], input_pos int64[1], kv_positions int64[pos+1]) -> hidden float32[1,1,H]
+//     (kv_positions = 0..pos; the layer reads only those filled cache rows)
 //   head(hidden float32[1,1,H]) -> logits float32[1,V]
 //   get_max_seq_len, get_n_layers, get_vocab_size, get_bos_id, get_eos_ids (constant methods)
 // All methods share the KV-cache buffers (Module with share_memory_arenas = true).
