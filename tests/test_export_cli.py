@@ -17,8 +17,8 @@ def test_failed_export_keeps_old_bundle_then_replace(tmp_path):
     model_dir, router_dir = tiny_folders("llama")
     out = copy_bundle("llama", tmp_path / "bundle")
     before = read_manifest(out)
-    args = ["--model", model_dir, "--routers", router_dir, "--backend", "onnx", "--quantize", "none", "--max-seq-len", 16,
-            "--output", out]
+    args = ["--model", model_dir, "--routers", router_dir, "--backend", "onnx", "--quantize", "none",
+            "--max-seq-len", 16, "--output", out]
     # fp32 ONNX differs from eager by ~1e-7: a zero tolerance is a real verification failure
     res = _invoke([*args, "--atol", 0.0])
     assert res.exit_code == 1
