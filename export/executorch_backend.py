@@ -69,9 +69,8 @@ def constant_methods(core: ExportCore, bos_id: int | None, eos_ids: list[int]) -
     }
 
 
-def to_pte_bytes(programs: dict[str, ExportedProgram], constants: dict[str, object],
-                 quantized: bool) -> bytes:
-    """Lower all programs to XNNPACK in one call and serialize the multi-method program."""
+def to_edge_programs(programs: dict[str, ExportedProgram], constants: dict[str, object], quantized: bool):
+    """Lower all programs to XNNPACK in one call; the ``ExecutorchProgramManager`` (``.buffer`` = the ``.pte``)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import (
         EdgeCompileConfig,
@@ -87,9 +86,9 @@ def to_pte_bytes(programs: dict[str, ExportedProgram], constants: dict[str, obje
         programs,
         partitioner=[XnnpackPartitioner()],
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
-        constant_methods=constants,
+        constant_methods=constants or None,
     )
-    et = edge.to_executorch(
+    return edge.to_executorch(
         ExecutorchBackendConfig(
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
             emit_mutable_buffer_names=True,
@@ -98,4 +97,9 @@ def to_pte_bytes(programs: dict[str, ExportedProgram], constants: dict[str, obje
             run_reinplace_pass=True,
         )
     )
-    return et.buffer
+
+
+def to_pte_bytes(programs: dict[str, ExportedProgram], constants: dict[str, object],
+                 quantized: bool) -> bytes:
+    """Lower all programs to XNNPACK in one call and serialize the multi-method program."""
+    return to_edge_programs(programs, constants, quantized).buffer

@@ -142,3 +142,46 @@ def test_manifest_json_is_documented():
     manifest = json.loads((bundle / "manifest.json").read_text())
     for key in manifest:
         assert f"`{key}`" in doc, key
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_never_reads_unfilled_cache_rows(arch):
+    """Poison the cache past the filled prefix with NaN: a layer that attended over the whole static buffer
+    (even under an additive mask) would return NaN; reading only rows 0..pos keeps every logit finite and equal
+    to eager, at filled lengths 1, the middle and max_seq_len."""
+    bundle, _ = tiny_bundle(arch)
+    ref = load_reference(arch)
+    runner = load_bundle(bundle)
+    n = runner.n_layers
+    hsz = ref.config.hidden_size
+    nan = torch.full((1, 1, hsz), float("nan"))
+    for pos in range(TINY_MAX_SEQ):  # every layer's cache: NaN in every row
+        for i in range(n):
+            runner.backend.layer(i, nan, pos)
+    for t in (1, TINY_MAX_SEQ // 2, TINY_MAX_SEQ - 1):
+        ids = list(range(30, 30 + t))
+        logits, bits = runner.prefill(ids, "all")  # rewrites rows 0..t-1 only
+        seq = ids + [int(torch.argmax(logits))]
+        logits = runner.backend.decode_step(seq[-1], t, list(range(n)))  # reads rows 0..t, writes row t
+        assert torch.isfinite(logits).all(), f"decode at filled length {t + 1} read an unfilled row"
+        with torch.no_grad():
+            want = ref.forward(torch.tensor([seq]), mask="1" * n).logits[0, -1]
+        torch.testing.assert_close(logits, want, atol=1e-4, rtol=0)
+
+
+def test_lowered_layer_graph_has_no_whole_cache_copy():
+    """layer_i as lowered: one in-place index_put_ per cache, no copy_ write-back, no index_put.out (which
+    copies the whole buffer), and the K/V slice whose length is the dynamic filled length."""
+    from firstkit.export.executorch_backend import export_programs, to_edge_programs
+    from firstkit.export.pipeline import build_core
+
+    ref = load_reference("llama")
+    core, _ = build_core(ref, "none", TINY_MAX_SEQ)
+    progs = export_programs(core)
+    et = to_edge_programs({"layer_1": progs["layer_1"]}, {}, quantized=False)
+    targets = [str(node.target) for node in et.exported_program("layer_1").graph.nodes if node.op == "call_function"]
+    assert sum("index_put_" in t for t in targets) == 2, targets  # K and V, in place
+    assert not any("index_put.out" in t or t.endswith("copy_.default") for t in targets), targets
+    assert sum("slice_copy" in t for t in targets) == 2, targets  # K and V cut to the filled rows
+    sizes = [node for node in et.exported_program("layer_1").graph.nodes if "sym_size" in str(node.target)]
+    assert sizes, "the filled length must be read from kv_positions' size"
