@@ -265,3 +265,53 @@ def test_statistics_on_known_values():
     same = stats.difference(a, a, weighted_perplexity, iters=50)
     assert same.value == 0 and same.low == same.high == 0  # paired: identical systems never differ
     assert stats.chance_level([2, 2, 4, 4], [0, 1, 0, 0]) == {"chance": 0.375, "majority": 0.75}
+
+
+@torch.no_grad()
+def test_bundle_scores_like_its_eager_model(tmp_path):
+    """bundle=DIR: the exported (fp32) program, its routers deciding in its own prefill, scores what the eager
+    FirstModel it was exported from scores, with the same masks; first-eval splits bundle scores into
+    quantization (bundle - eager) and skipping (bundle - bundle-all). Shares the export tests' tiny bundle."""
+    from click.testing import CliRunner
+    from test_export_support import load_reference, tiny_bundle, tiny_folders
+
+    from firstkit.evaluation.cli import main as eval_main
+
+    torch.set_num_threads(1)
+    bundle, _ = tiny_bundle("llama")
+    ref = load_reference("llama")
+    blm = FirstLM(bundle=str(bundle))
+    elm = FirstLM(model=ref, max_length=blm.max_length)
+    assert type(blm).__name__ == "BundleLM" and blm.max_length == 24
+    reqs = [_req(c, x, i) for i, (c, x) in enumerate([("ab cd", " ef"), ("ab cd", " xyz"), ("The cat", " sat."),
+                                                       ("0123456789 abcdefgh", " ijklmnop")])]  # last: truncated
+    got, want = blm.loglikelihood(reqs, disable_tqdm=True), elm.loglikelihood(reqs, disable_tqdm=True)
+    for (a, ga), (b, gb) in zip(got, want, strict=True):
+        assert a == pytest.approx(b, abs=1e-3) and ga == gb
+    assert blm.mask_log == elm.mask_log
+    from lm_eval.api.instance import Instance
+
+    gen = [Instance("generate_until", {}, ("hello", {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}), 0,
+                    ("g", 0, 1))]
+    assert blm.generate_until(gen, disable_tqdm=True) == elm.generate_until(gen, disable_tqdm=True)
+    assert blm.mask_log[("g", 0)] == elm.mask_log[("g", 0)]
+    forced = FirstLM(bundle=str(bundle), mask="1" * ref.num_layers)
+    assert forced.loglikelihood(reqs[:1], disable_tqdm=True)[0][0] == pytest.approx(
+        FirstLM(model=ref, mask="all").loglikelihood(reqs[:1], disable_tqdm=True)[0][0], abs=1e-3)
+    # first-eval --bundle
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps({"query": f"{i}+1=", "choices": [str(i + 1), str(i + 5)], "gold": 0}) + "\n"
+                             for i in range(5)))
+    model_dir, router_dir = tiny_folders("llama")
+    r = CliRunner().invoke(eval_main, ["--model", str(model_dir), "--routers", str(router_dir), "--bundle", str(bundle),
+                                       "--task-file", str(short), "--task-type", "mc", "--systems",
+                                       "base,first,bundle,bundle-all", "--limit", "5", "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    rows = {(x["system"], x["metric"]): x for x in rep["results"]}
+    assert rows[("bundle", "accuracy")]["score"] == rows[("first", "accuracy")]["score"]
+    assert rows[("bundle-all", "accuracy")]["skip_ratio"] == 0.0
+    pairs = {(d["system"], d["reference"], d["reference_system"]) for d in rep["differences"]}
+    assert {("bundle", "eager", "first"), ("bundle", "all_layers", "bundle-all")} <= pairs
+    assert rep["mask_agreement"] == [{"system": "bundle", "reference_system": "first", "task": "short",
+                                      "masks_equal": 1.0, "n": 5}]
