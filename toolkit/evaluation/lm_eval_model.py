@@ -121,7 +121,7 @@ class FirstLM(TemplateLM):
                  batch_size: int | str = 1, max_length: int | None = None, max_gen_toks: int = 256,
                  device: str | None = None, dtype: str = "float32", threads: int | None = None,
                  add_bos_token: bool | None = None, prefix_token_id: int | None = None, progress: bool = True,
-                 **kwargs: Any) -> None:
+                 scored_logits: bool = False, **kwargs: Any) -> None:
         super().__init__()
         kwargs.pop("max_batch_size", None)
         if kwargs.pop("bundle", None):
@@ -154,6 +154,9 @@ class FirstLM(TemplateLM):
         if self.fixed is not None:
             self.fixed = self.fixed.to(fm.device)
         self.progress = bool(progress)
+        #: True: the LM head runs only at scored positions (faster; log-likelihoods then differ from ``hf``'s by
+        #: float32 round-off, ~1e-5); False (default): logits of every position, exactly as lm-eval's ``hf``
+        self.scored_logits = bool(scored_logits)
         self.rolling_prompt = int(rolling_prompt)
         if self.rolling_prompt < 1:
             raise ValueError("rolling_prompt must be >= 1")
@@ -275,11 +278,11 @@ class FirstLM(TemplateLM):
                 ids[b, : len(x)] = torch.tensor(x, device=self.device)
                 attn[b, : len(x)] = 1
             masks = torch.stack([items[i][2].to(self.device) for i in chunk])
-            keep = max(width - len(x) + len(c) for x, c in zip(inps, conts, strict=True))
+            keep = max(width - len(x) + len(c) for x, c in zip(inps, conts, strict=True)) if self.scored_logits else 0
             logits = self.model.forward(ids, attention_mask=attn, mask=masks, logits_to_keep=keep).logits
             for b, i in enumerate(chunk):
                 n, c = len(inps[b]), len(conts[b])
-                lo = logits.shape[1] - width + n - c
+                lo = logits.shape[1] - width + n - c  # logits_to_keep=0 keeps all: shape[1] == width
                 logp = torch.log_softmax(logits[b, lo : lo + c].float(), dim=-1)
                 target = torch.tensor(conts[b], device=self.device)
                 greedy = bool((logp.argmax(-1) == target).all())
