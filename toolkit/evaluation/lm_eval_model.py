@@ -148,7 +148,7 @@ class FirstLM(TemplateLM):
             raise ValueError(f"model {model} has no tokenizer")
         self.model = fm.eval()
         self.tokenizer = fm.tokenizer
-        self.mask_name = str(mask) if not isinstance(mask, int) else str(mask)  # 1111.. parsed as an int
+        self.mask_name = str(mask)  # lm-eval parses bits such as 1111.. as an int
         self.skip = skip
         self.fixed = fixed_mask(fm, self.mask_name, skip, seed, data_dir)
         if self.fixed is not None:
@@ -166,7 +166,8 @@ class FirstLM(TemplateLM):
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
         self._decided: dict[tuple[int, ...], torch.Tensor] = {}
-        #: (task name, doc id) -> mask [L] bool of the request(s) of that document (what actually ran)
+        #: (task name, doc id) -> mask [L] bool of that document's requests (what actually ran; the choices of a
+        #: question share their context, hence their mask; with per-choice contexts, the last request's)
         self.mask_log: dict[tuple[str | None, int | None], list[bool]] = {}
         #: (task name, doc id) -> tokens the routers saw (the context) for that document
         self.prompt_log: dict[tuple[str | None, int | None], int] = {}
