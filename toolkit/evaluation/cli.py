@@ -52,6 +52,7 @@ DEFAULT_SYSTEMS = "base,first,static,uniform,random,last-k"
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random baseline and the bootstrap.")
 @click.option("--threads", type=int, default=None)
+@click.option("--device", default="cpu", show_default=True, help="torch device of the eager models (e.g. cuda).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Write results.json, results.md and PNG plots here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
@@ -60,7 +61,7 @@ def main(model_source: str, routers_dir: str | None, lora_dir: str | None, budge
          bundle_dir: str | None, task_names: tuple[str, ...], task_file: str | None, task_type: str | None,
          systems: str, limit: str, split: str, skip_ratio: float | None, ppl_window: int, ppl_prompt: int,
          max_prompt: int, batch_size: int, bootstrap_iters: int, data_dir: str | None, seed: int,
-         threads: int | None, out_dir: str | None, as_json: bool, quiet: bool) -> None:
+         threads: int | None, device: str, out_dir: str | None, as_json: bool, quiet: bool) -> None:
     """Evaluate systems on tasks at matched average skip ratio; JSON, Markdown table and plots."""
     from firstkit.evaluation.harness import BUNDLE_SYSTEMS, SYSTEMS
     from firstkit.evaluation.tasks import TASKS, task_from_file
@@ -116,7 +117,7 @@ def main(model_source: str, routers_dir: str | None, lora_dir: str | None, budge
                    for t in tasks}
         t0 = time.time()
         model, routers, lora_model, lora_routers = harness.load_eval_model(model_source, routers_dir, lora_dir,
-                                                                           need_lora)
+                                                                           need_lora, device)
         if model.tokenizer is None:
             raise click.ClickException(f"model {model_source} has no tokenizer")
         systems_map = harness.build_systems(names, model, routers, lora_model, lora_routers, bundle_dir)

@@ -357,8 +357,10 @@ def mean_or_nan(xs: Sequence[float]) -> float:
 
 
 def load_eval_model(source: str, routers_dir: str | Path | None, lora_dir: str | Path | None,
-                    need_lora: bool) -> tuple[FirstModel, RouterStack | None, FirstModel | None, RouterStack | None]:
-    """The base model, its routers, and (when needed) a copy with the LoRA adapter merged plus its routers."""
+                    need_lora: bool, device: str = "cpu"
+                    ) -> tuple[FirstModel, RouterStack | None, FirstModel | None, RouterStack | None]:
+    """The base model, its routers, and (when needed) a copy with the LoRA adapter merged plus its routers,
+    all on ``device``."""
     from firstkit.routed_model import load_model
     from firstkit.training.lora import apply_lora, has_lora
 
@@ -375,4 +377,8 @@ def load_eval_model(source: str, routers_dir: str | Path | None, lora_dir: str |
         lora_model = copy.deepcopy(model)
         lora_model.routers = None
         apply_lora(lora_model, lora_dir)
+    if device != "cpu":
+        model, lora_model = model.to(device), lora_model.to(device) if lora_model is not None else None
+        routers = routers.to(device) if routers is not None else None
+        lora_routers = lora_routers.to(device) if lora_routers is not None else None
     return model, routers, lora_model, lora_routers
