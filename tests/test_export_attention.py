@@ -45,7 +45,9 @@ def test_decode_layer_graph_has_no_cache_copies():
     core = ExportCore(base, None, [], 0.5, max_seq_len=64).eval()
     h = torch.zeros(1, 1, base.config.hidden_size)
     with torch.no_grad():
-        ep = torch.export.export(LayerMethod(core, 0), (h, torch.zeros(1, dtype=torch.long)), strict=False)
+        kv_len = torch.export.Dim("kv_len", min=1, max=64)
+        ep = torch.export.export(LayerMethod(core, 0), (h, torch.tensor([3]), torch.arange(4)),
+                                 dynamic_shapes=(None, None, {0: kv_len}), strict=False)
     edge = to_edge_transform_and_lower({"forward": ep}, partitioner=[XnnpackPartitioner()],
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False))
     outside = [str(n.target) for n in edge.exported_program("forward").graph_module.graph.nodes
