@@ -304,9 +304,9 @@ def fmt(x: float | None, spec: str = ".2f") -> str:
 
 # --------------------------------------------------------------------------------------------- main
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=Path("/tmp/dev/smol-8da4w"), show_default=True,
-              help="Our 8da4w bundle (first-export --quantize 8da4w --backend executorch).")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Our 8da4w bundle (first-export --quantize 8da4w --backend executorch); required unless a "
+                   "child mode.")
 @click.option("--model", "model_name", default="smollm2-135m-instruct", show_default=True,
               help="Named model whose local float folder the stock export reads.")
 @click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -345,6 +345,8 @@ def main(bundle: Path, model_name: str, model_dir: Path | None, venv: Path | Non
     if child:
         stock_child(child[0], child[1], int(child[2]), int(child[3]))
         return
+    if bundle is None:
+        raise click.UsageError("--bundle is required")
     manifest = json.loads((bundle / "manifest.json").read_text())
     max_seq_len = int(manifest["max_seq_len"])
     result: dict = {"bundle": str(bundle), "model": model_name, "host": platform.node(),

@@ -23,7 +23,8 @@ ATTENTION_NAME = "firstkit_grouped"
 def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                       softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """``query [B, H, T, D]``, ``key/value [B, Hkv, S, D]``, additive ``attention_mask [B|1, 1, T, S]``.
+    """``query [B, H, T, D]``, ``key/value [B, Hkv, S, D]`` (or ``[Hkv, S, D]`` for batch 1: the decode cache's
+    filled rows), additive ``attention_mask [B|1, 1, T, S]``.
 
     Returns ``(out [B, T, H, D], None)`` like the Hugging Face attention functions. Query head
     ``k * G + j`` attends with key/value head ``k`` (``G = H / Hkv``), as ``repeat_kv`` defines it.
@@ -36,15 +37,18 @@ def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       softcap=softcap, **kwargs)
-    hkv, s = key.shape[1], key.shape[2]
+    hkv, s = key.shape[-3], key.shape[-2]
     g = h // hkv
     if scaling is None:
         scaling = d ** -0.5
     q = query.reshape(b * hkv, g * t, d)  # rows ordered (head in group, position)
-    # views of the cache, no copy; batch 1 (every exported graph) selects instead of reshaping, since a
-    # reshape of a dynamic-length slice of the cache would guard on it being the whole buffer
-    k = key[0] if b == 1 else key.reshape(b * hkv, s, d)
-    v = value[0] if b == 1 else value.reshape(b * hkv, s, d)
+    # the cache is read where it lies: a 3-D key is already [Hkv, S, D]; batch 1 selects (a reshape of a
+    # dynamic-length slice would guard on it being the whole buffer)
+    if key.dim() == 3:
+        k, v = key, value
+    else:
+        k = key[0] if b == 1 else key.reshape(b * hkv, s, d)
+        v = value[0] if b == 1 else value.reshape(b * hkv, s, d)
     # K @ q^T, then transpose the small [S, G*T] result: the cache itself is never transposed or copied
     scores = torch.bmm(k, q.transpose(1, 2)).transpose(1, 2) * scaling  # [B*Hkv, G*T, S]
     if softcap is not None:

@@ -1,7 +1,7 @@
 """ExecuTorch lowering: torch.export every method, lower to XNNPACK together, emit one ``.pte``.
 
 Steps (each a function, composable like ExecuTorch's ``extension/llm/export``):
-``export_programs`` -> ``lower_programs`` -> ``to_pte_bytes``.
+``export_programs`` -> ``to_edge_programs`` (XNNPACK rewrites, then lowering) -> ``to_pte_bytes``.
 """
 
 from __future__ import annotations
@@ -79,9 +79,12 @@ def to_edge_programs(programs: dict[str, ExportedProgram], constants: dict[str, 
     )
     from executorch.exir.passes import MemoryPlanningPass
 
+    from .xnnpack_rewrites import rewrite_for_xnnpack
+
     if quantized:
         import executorch.kernels.quantized  # noqa: F401  (out variants of the quantized ops)
 
+    rewrite_for_xnnpack(programs)  # same values, fewer ops left outside the delegate
     edge = to_edge_transform_and_lower(
         programs,
         partitioner=[XnnpackPartitioner()],

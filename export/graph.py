@@ -87,11 +87,12 @@ class _StaticCache:
 
     mode ``prefill``: positions ``0..T-1``; the write keeps the old buffer contents where the
     layer does not run (``where(run, new, old)``) and attention uses the fresh keys only.
-    mode ``decode``: one position ``input_pos``; attention sees the first ``kv_len`` rows (the filled ones).
+    mode ``decode``: one position ``input_pos``; attention sees the first ``kv_len`` rows (the filled ones),
+    returned as ``[Hkv, kv_len, D]`` (see :func:`~firstkit.export.attention.grouped_attention`).
     """
 
     def __init__(self, core: ExportCore, mode: str, run: torch.Tensor | None = None,
-                 input_pos: torch.Tensor | None = None, kv_len: int | torch.SymInt | None = None) -> None:
+                 input_pos: torch.Tensor | None = None, kv_len: int | torch.SymInt = 0) -> None:
         self.core = core
         self.mode = mode
         self.run = run
@@ -99,24 +100,23 @@ class _StaticCache:
         self.kv_len = kv_len
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        kb = self.core.get_buffer(f"k_cache_{layer_idx}")
+        kb = self.core.get_buffer(f"k_cache_{layer_idx}")  # [Hkv, S + 1, D]: batch 1, no batch dimension
         vb = self.core.get_buffer(f"v_cache_{layer_idx}")
-        key = key.to(kb.dtype)
-        value = value.to(vb.dtype)
+        key = key[0].to(kb.dtype)  # [1, Hkv, T, D] -> [Hkv, T, D]
+        value = value[0].to(vb.dtype)
         if self.mode == "prefill":
             pos = self.input_pos
             if self.run is None:
-                kb.index_copy_(2, pos, key)
-                vb.index_copy_(2, pos, value)
+                kb.index_copy_(1, pos, key)
+                vb.index_copy_(1, pos, value)
             else:
-                kb.index_copy_(2, pos, torch.where(self.run, key, kb.index_select(2, pos)))
-                vb.index_copy_(2, pos, torch.where(self.run, value, vb.index_select(2, pos)))
-            return key, value
-        kb.index_copy_(2, self.input_pos, key)
-        vb.index_copy_(2, self.input_pos, value)
-        if self.kv_len is None:
-            return kb, vb
-        return kb[:, :, : self.kv_len], vb[:, :, : self.kv_len]
+                kb.index_copy_(1, pos, torch.where(self.run, key, kb.index_select(1, pos)))
+                vb.index_copy_(1, pos, torch.where(self.run, value, vb.index_select(1, pos)))
+            return key[None], value[None]
+        kb.index_copy_(1, self.input_pos, key)
+        vb.index_copy_(1, self.input_pos, value)
+        # the filled rows, [Hkv, n, D]: one copy of n rows per head (a 3-D buffer needs no batch select after)
+        return kb[:, : self.kv_len], vb[:, : self.kv_len]
 
 
 def _rotary_takes_layer_type(rotary: nn.Module) -> bool:
@@ -161,7 +161,7 @@ class ExportCore(nn.Module):
         self.max_seq_len = int(max_seq_len)
         # one spare row: the filled prefix ``[:n]`` (n <= max_seq_len) is then never the whole buffer, which
         # torch.export would otherwise specialize on (the slice's contiguity differs at n == rows)
-        shape = (1, self.parts.num_kv_heads, self.max_seq_len + 1, self.parts.head_dim)
+        shape = (self.parts.num_kv_heads, self.max_seq_len + 1, self.parts.head_dim)
         for i in range(self.n_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=cache_dtype), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=cache_dtype), persistent=False)
@@ -181,12 +181,20 @@ class ExportCore(nn.Module):
             return self.parts.rotary_emb(h, position_ids, layer_type)
         return self.parts.rotary_emb(h, position_ids)
 
-    def _attn_mask(self, q_pos: torch.Tensor, kv_len: int, layer_type: str) -> torch.Tensor:
-        """Additive mask [1, 1, Tq, kv_len] from query positions (int64 [Tq])."""
-        kv = torch.arange(kv_len, dtype=torch.long, device=q_pos.device)
-        allowed = kv[None, :] <= q_pos[:, None]
-        if layer_type == "sliding_attention" and self.parts.sliding_window:
-            allowed = allowed & (kv[None, :] > q_pos[:, None] - self.parts.sliding_window)
+    def _attn_mask(self, q_pos: torch.Tensor, kv_pos: torch.Tensor, layer_type: str,
+                   causal: bool = True) -> torch.Tensor | None:
+        """Additive mask ``[1, 1, Tq, Tkv]`` from query and key positions (int64), or ``None`` if all is visible.
+
+        ``causal``: hide keys after the query (prefill); decode passes ``False``, its keys are ``0..pos``.
+        A sliding-window layer also hides keys ``window`` or more positions older than the query.
+        """
+        window = self.parts.sliding_window if layer_type == "sliding_attention" else None
+        allowed = (kv_pos[None, :] <= q_pos[:, None]) if causal else None
+        if window:
+            recent = kv_pos[None, :] > q_pos[:, None] - window
+            allowed = recent if allowed is None else allowed & recent
+        if allowed is None:
+            return None
         zero = torch.zeros((), dtype=torch.float32)
         neg = torch.full((), NEG_INF, dtype=torch.float32)
         return torch.where(allowed, zero, neg)[None, None]
@@ -224,7 +232,7 @@ class ExportCore(nn.Module):
     def prompt_context(self, h: torch.Tensor, t: int):
         """Positions, per-layer-type attention masks and rotary embeddings for a prompt of ``t`` tokens."""
         pos = torch.arange(t, dtype=torch.long, device=h.device)
-        masks = {lt: self._attn_mask(pos, t, lt) for lt in set(self.parts.layer_types)}
+        masks = {lt: self._attn_mask(pos, pos, lt) for lt in set(self.parts.layer_types)}
         ropes = {lt: self.rope_at(pos, lt) for lt in set(self.parts.layer_types)}
         return pos, masks, ropes
 
@@ -234,24 +242,12 @@ class ExportCore(nn.Module):
         sin = self.get_buffer(f"rope_sin_{layer_type}").index_select(0, input_pos)[None]
         return cos, sin
 
-    def decode_mask(self, input_pos: torch.Tensor, kv_positions: torch.Tensor, layer_type: str):
-        """Additive mask ``[1, 1, 1, n]`` over the filled rows, or ``None`` when every filled row is visible.
-
-        Full attention sees all of ``0..pos``; a sliding-window layer hides rows older than its window.
-        """
-        if layer_type != "sliding_attention" or not self.parts.sliding_window:
-            return None
-        allowed = kv_positions > input_pos - self.parts.sliding_window
-        zero = torch.zeros((), dtype=torch.float32)
-        neg = torch.full((), NEG_INF, dtype=torch.float32)
-        return torch.where(allowed, zero, neg)[None, None, None]
-
     def layer_with_cache(self, i: int, h: torch.Tensor, input_pos: torch.Tensor, kv_positions: torch.Tensor,
                          cache) -> torch.Tensor:
         """Layer ``i`` for one token at ``input_pos`` attending the rows ``kv_positions`` (= ``0..pos``)."""
         lt = self.parts.layer_types[i]
         rope = self.rope_at(input_pos, lt)
-        attn_mask = self.decode_mask(input_pos, kv_positions, lt)
+        attn_mask = self._attn_mask(input_pos, kv_positions, lt, causal=False)
         return self._call_layer(i, h, input_pos[None], attn_mask, cache, rope)
 
     # ---- methods ------------------------------------------------------------------------

@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from helpers import byte_tokenizer
 
 from firstkit.evaluation.cli import main as eval_main
 from firstkit.evaluation.harness import SYSTEMS
@@ -14,23 +13,12 @@ from firstkit.testing import tiny_base_model
 from firstkit.training.cli import main as train_main
 
 
-def _byte_tokenizer() -> PreTrainedTokenizerFast:
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for ch in sorted(alphabet):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tinymodel")
     base = tiny_base_model("llama", num_layers=6, seed=0, vocab_size=260)
     base.save_pretrained(d)
-    _byte_tokenizer().save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
     return d
 
 
@@ -182,7 +170,7 @@ def test_eval_cli_task_file_and_errors(tiny_dir, trained, tmp_path):
     assert bad.exit_code != 0 and "--task-type" in bad.output
     other = tmp_path / "other"
     tiny_base_model("llama", num_layers=6, seed=5, vocab_size=260).save_pretrained(other)
-    _byte_tokenizer().save_pretrained(other)
+    byte_tokenizer().save_pretrained(other)
     bad = CliRunner().invoke(eval_main, ["--model", str(other), "--routers", str(trained), "--task", "copa",
                                          "--systems", "first", "--limit", "1"])
     assert bad.exit_code != 0 and "not for this model" in bad.output

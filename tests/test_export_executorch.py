@@ -171,7 +171,8 @@ def test_decode_never_reads_unfilled_cache_rows(arch):
 
 def test_lowered_layer_graph_has_no_whole_cache_copy():
     """layer_i as lowered: one in-place index_put_ per cache, no copy_ write-back, no index_put.out (which
-    copies the whole buffer), and the K/V slice whose length is the dynamic filled length."""
+    copies the whole buffer), the K/V slice whose length is the dynamic filled length (one copy, no batch
+    select after it), and nothing but the cache handling outside XNNPACK."""
     from firstkit.export.executorch_backend import export_programs, to_edge_programs
     from firstkit.export.pipeline import build_core
 
@@ -183,5 +184,9 @@ def test_lowered_layer_graph_has_no_whole_cache_copy():
     assert sum("index_put_" in t for t in targets) == 2, targets  # K and V, in place
     assert not any("index_put.out" in t or t.endswith("copy_.default") for t in targets), targets
     assert sum("slice_copy" in t for t in targets) == 2, targets  # K and V cut to the filled rows
+    assert not any("select_copy" in t for t in targets), targets  # ... and not copied a second time
+    assert not any("mean" in t for t in targets), targets  # RMSNorm's mean runs inside XNNPACK
+    # norm + projections + rotary | the KV write and slice | attention + MLP: two delegate calls
+    assert sum("executorch_call_delegate" in t for t in targets) == 2, targets
     sizes = [node for node in et.exported_program("layer_1").graph.nodes if "sym_size" in str(node.target)]
     assert sizes, "the filled length must be read from kv_positions' size"

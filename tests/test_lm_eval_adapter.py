@@ -10,8 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from helpers import byte_tokenizer
 
 from firstkit.evaluation import lm_eval_tasks as lt
 from firstkit.evaluation import stats
@@ -22,22 +21,11 @@ from firstkit.testing import tiny_base_model, tiny_model
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def _byte_tokenizer() -> PreTrainedTokenizerFast:
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for ch in sorted(alphabet):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tinylm")
     tiny_base_model("llama", num_layers=6, seed=0, vocab_size=260).save_pretrained(d)
-    _byte_tokenizer().save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
     return d
 
 
@@ -51,7 +39,7 @@ def configs(tmp_path_factory):
 def routed():
     """A tiny FirstModel whose random routers decide differently per prompt, with a byte tokenizer."""
     fm = tiny_model("llama", num_layers=6, seed=3, vocab_size=260)
-    fm.tokenizer = _byte_tokenizer()
+    fm.tokenizer = byte_tokenizer()
     return fm
 
 

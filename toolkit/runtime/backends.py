@@ -45,6 +45,7 @@ class ExecuTorchBackend:
             if missing:
                 raise BundleError(f"{pte_path}: program lacks methods {', '.join(missing[:5])}")
             self.methods = {m: self.program.load_method(m) for m in wanted}
+            self._layers = [self.methods[f"layer_{i}"] for i in range(n_layers)]
         except BundleError:
             raise
         except Exception as e:  # the pybindings raise RuntimeError/ValueError on a bad program
@@ -72,9 +73,11 @@ class ExecuTorchBackend:
 
     def decode_step(self, token: int, pos: int, active: list[int]) -> torch.Tensor:
         """Logits after feeding ``token`` at ``pos`` through the ``active`` layers only."""
+        kv_positions = self.positions[: pos + 1]  # the same inputs for every layer of this token
+        input_pos = kv_positions[pos:]
         h = self.embed(torch.tensor([[token]], dtype=torch.long))
         for i in active:
-            h = self.layer(i, h, pos)
+            h = self._layers[i].execute([h, input_pos, kv_positions])[0].clone()
         return self.head(h)
 
 

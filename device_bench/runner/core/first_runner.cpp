@@ -2,6 +2,7 @@
 #include "first_runner.h"
 
 #include <limits.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 
@@ -18,6 +19,7 @@
 #include <executorch/devtools/etdump/etdump_flatcc.h>
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
+#include <executorch/runtime/core/hierarchical_allocator.h>
 #include <executorch/runtime/backend/backend_options_map.h>
 #include <executorch/runtime/backend/options.h>
 
@@ -47,6 +49,45 @@ using et::extension::Module;
 using et::runtime::EValue;
 
 namespace {
+
+// The memory-planned buffers of every method, shared the way Module(share_memory_arenas=true) shares them
+// (buffer k of every method starts at the same address; the KV cache is one of them), but mapped lazily:
+// Module's own arenas are zero-filled vectors, so the prefill's arena, planned for a max_seq_len prompt
+// (hundreds of MB), would be resident from load on. Anonymous mmap pages become resident only when a
+// method writes them, so memory follows the prompt and the filled cache rows actually used.
+class LazySharedArenas {
+ public:
+  void reserve(size_t index, size_t bytes) {
+    if (sizes_.size() <= index) sizes_.resize(index + 1, 0);
+    sizes_[index] = std::max(sizes_[index], bytes);
+  }
+  void map() {
+    for (size_t n : sizes_) {
+      void* p = n ? ::mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) : nullptr;
+      if (p == MAP_FAILED) throw RunnerError("cannot map " + std::to_string(n) + " bytes of planned memory");
+      bases_.push_back(static_cast<uint8_t*>(p));
+    }
+  }
+  // A HierarchicalAllocator over the shared arenas for a method whose buffer k needs sizes[k] bytes.
+  et::runtime::HierarchicalAllocator* allocator_for(const std::vector<size_t>& sizes) {
+    auto spans = std::make_unique<std::vector<et::runtime::Span<uint8_t>>>();
+    for (size_t k = 0; k < sizes.size(); ++k) spans->emplace_back(bases_.at(k), sizes[k]);
+    allocators_.push_back(std::make_unique<et::runtime::HierarchicalAllocator>(
+        et::runtime::Span<et::runtime::Span<uint8_t>>(spans->data(), spans->size())));
+    spans_.push_back(std::move(spans));
+    return allocators_.back().get();
+  }
+  ~LazySharedArenas() {
+    for (size_t k = 0; k < bases_.size(); ++k)
+      if (bases_[k]) ::munmap(bases_[k], sizes_[k]);
+  }
+
+ private:
+  std::vector<size_t> sizes_;
+  std::vector<uint8_t*> bases_;
+  std::vector<std::unique_ptr<std::vector<et::runtime::Span<uint8_t>>>> spans_;
+  std::vector<std::unique_ptr<et::runtime::HierarchicalAllocator>> allocators_;
+};
 
 std::string read_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
@@ -236,8 +277,10 @@ class RunnerImpl final : public Runner {
       etdump_ = gen.get();
       tracer = std::move(gen);
     }
+    // Arenas are shared by LazySharedArenas (every executable method is loaded on them below); Module's own
+    // shared arenas would be zero-filled, hence resident, at the first execute of a metadata method.
     module_ = std::make_unique<Module>(pte_path, Module::LoadMode::Mmap, std::move(tracer), nullptr, nullptr,
-                                       /*share_memory_arenas=*/true);
+                                       /*share_memory_arenas=*/false);
     et::runtime::BackendOptions<4> xnn;
     xnn.set_option("weight_cache_enabled", opt.xnnpack_weight_cache);
     et::runtime::LoadBackendOptionsMap backend_options;
@@ -279,9 +322,23 @@ class RunnerImpl final : public Runner {
                           std::to_string(info_.num_layers));
     }
 
-    // Load every method now so that no load time lands inside a timed region.
+    // Load every method now so that no load time lands inside a timed region, on lazily mapped shared arenas.
+    std::unordered_map<std::string, std::vector<size_t>> planned;
     for (const std::string& m : have) {
-      if (auto e = module_->load_method(m); e != et::runtime::Error::Ok)
+      auto meta = module_->method_meta(m);
+      if (!meta.ok()) throw RunnerError("cannot read method '" + m + "': " + err_text(meta.error()));
+      std::vector<size_t>& sizes = planned[m];
+      for (size_t k = 0; k < meta->num_memory_planned_buffers(); ++k) {
+        auto n = meta->memory_planned_buffer_size(k);
+        if (!n.ok() || *n < 0) throw RunnerError("bad planned buffer size in method '" + m + "'");
+        sizes.push_back(size_t(*n));
+        arenas_.reserve(k, size_t(*n));
+      }
+    }
+    arenas_.map();
+    for (const std::string& m : have) {
+      auto* alloc = planned[m].empty() ? nullptr : arenas_.allocator_for(planned[m]);
+      if (auto e = module_->load_method(m, alloc); e != et::runtime::Error::Ok)
         throw RunnerError("cannot load method '" + m + "': " + err_text(e));
     }
 
@@ -467,6 +524,7 @@ class RunnerImpl final : public Runner {
 
   RunnerOptions opt_;
   BundleInfo info_;
+  LazySharedArenas arenas_;  // declared before module_: outlives the methods that use it
   std::unique_ptr<Module> module_;
   et::etdump::ETDumpGen* etdump_ = nullptr;  // owned by module_
   std::unique_ptr<Detokenizer> detok_;
