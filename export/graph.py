@@ -102,8 +102,8 @@ class _StaticCache:
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         kb = self.core.get_buffer(f"k_cache_{layer_idx}")  # [Hkv, S + 1, D]: batch 1, no batch dimension
         vb = self.core.get_buffer(f"v_cache_{layer_idx}")
-        key = key[0].to(kb.dtype)  # [1, Hkv, T, D] -> [Hkv, T, D]
-        value = value[0].to(vb.dtype)
+        key = key.view(key.shape[1:]).to(kb.dtype)  # [1, Hkv, T, D] -> [Hkv, T, D] (lowered as a view, no copy)
+        value = value.view(value.shape[1:]).to(vb.dtype)
         if self.mode == "prefill":
             pos = self.input_pos
             if self.run is None:

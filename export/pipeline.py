@@ -233,7 +233,8 @@ def write_executorch(core: ExportCore, manifest: dict, out_dir: Path, quantized:
         "constant_methods": constant_methods(core, bos, m["eos_ids"]),
         "shared_mutable_buffers": [f"core.{k}_cache_{i}" for i in range(m["num_layers"]) for k in "kv"],
         "runtime_requirements": ["share memory arenas between methods (Python executorch.runtime does; C++ "
-                                 "Module(..., share_memory_arenas=true))",
+                                 "Module(..., share_memory_arenas=true), or one HierarchicalAllocator per "
+                                 "method over the same lazily mapped buffers as first_runner)",
                                  "copy outputs before the next execute (outputs may alias shared arenas)",
                                  f"quantized kernels registered ({manifest['quantization']['scheme']})"
                                  if quantized else "portable+XNNPACK"],
