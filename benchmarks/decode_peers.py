@@ -441,11 +441,7 @@ def machine_info() -> dict:
               help="Named model: the stock export's float folder and llama.cpp's GGUF.")
 @click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Float Hugging Face folder (stock export input, shapes for the bytes-per-token estimate).")
-@click.option("--threads", default="1,2", show_default=True, help="Comma-separated thread counts.")
-@click.option("--tokens", "new_tokens", type=click.IntRange(2), default=64, show_default=True,
-              help="New tokens per generation (greedy, EOS ignored).")
-@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True,
-              help="Alternating measured rounds per thread count (after one warm-up round).")
+@se.measurement_options
 @click.option("--prompt", default=se.PROMPT, show_default=False,
               help="User message, through the bundle's chat template [stock_executorch.py's PROMPT].")
 @click.option("--stock/--no-stock", default=True, show_default=True, help="Time the stock ExecuTorch program.")

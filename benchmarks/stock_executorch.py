@@ -303,6 +303,19 @@ def fmt(x: float | None, spec: str = ".2f") -> str:
 
 
 # --------------------------------------------------------------------------------------------- main
+def measurement_options(command):
+    """``--threads``, ``--tokens`` (-> ``new_tokens``), ``--rounds``: how every peer benchmark here measures."""
+    for option in reversed([
+        click.option("--threads", default="1,2", show_default=True, help="Comma-separated thread counts."),
+        click.option("--tokens", "new_tokens", type=click.IntRange(2), default=64, show_default=True,
+                     help="New tokens per generation (greedy, EOS ignored)."),
+        click.option("--rounds", type=click.IntRange(1), default=3, show_default=True,
+                     help="Alternating measured rounds per thread count (after one warm-up round)."),
+    ]):
+        command = option(command)
+    return command
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Our 8da4w bundle (first-export --quantize 8da4w --backend executorch); required unless a "
@@ -319,11 +332,7 @@ def fmt(x: float | None, spec: str = ".2f") -> str:
               help="Measure this stock .pte; skips the venv and the export.")
 @click.option("--torch-spec", default=TORCH_SPEC, show_default=True,
               help="What the venv installs for torch (a requirement or a CPU wheel path).")
-@click.option("--threads", default="1,2", show_default=True, help="Comma-separated thread counts.")
-@click.option("--tokens", "new_tokens", type=click.IntRange(2), default=64, show_default=True,
-              help="New tokens per generation (greedy, EOS ignored).")
-@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True,
-              help="Alternating measured rounds per thread count (after one warm-up round).")
+@measurement_options
 @click.option("--prompt", default=PROMPT, show_default=False, help="User message (through the chat template).")
 @click.option("--mask", "mask_opt", default=None,
               help="Skipping mask BITS for 'routers' rows [bundle's routers (auto), else the shipped routers "

@@ -102,19 +102,21 @@ class _StaticCache:
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         kb = self.core.get_buffer(f"k_cache_{layer_idx}")  # [Hkv, S + 1, D]: batch 1, no batch dimension
         vb = self.core.get_buffer(f"v_cache_{layer_idx}")
-        key = key.view(key.shape[1:]).to(kb.dtype)  # [1, Hkv, T, D] -> [Hkv, T, D] (lowered as a view, no copy)
-        value = value.view(value.shape[1:]).to(vb.dtype)
+        key = key.to(kb.dtype)
+        value = value.to(vb.dtype)
+        k_rows = key.view(key.shape[1:])  # [1, Hkv, T, D] -> [Hkv, T, D] (lowered as a view, no copy)
+        v_rows = value.view(value.shape[1:])
         if self.mode == "prefill":
             pos = self.input_pos
             if self.run is None:
-                kb.index_copy_(1, pos, key)
-                vb.index_copy_(1, pos, value)
+                kb.index_copy_(1, pos, k_rows)
+                vb.index_copy_(1, pos, v_rows)
             else:
-                kb.index_copy_(1, pos, torch.where(self.run, key, kb.index_select(1, pos)))
-                vb.index_copy_(1, pos, torch.where(self.run, value, vb.index_select(1, pos)))
-            return key[None], value[None]
-        kb.index_copy_(1, self.input_pos, key)
-        vb.index_copy_(1, self.input_pos, value)
+                kb.index_copy_(1, pos, torch.where(self.run, k_rows, kb.index_select(1, pos)))
+                vb.index_copy_(1, pos, torch.where(self.run, v_rows, vb.index_select(1, pos)))
+            return key, value
+        kb.index_copy_(1, self.input_pos, k_rows)
+        vb.index_copy_(1, self.input_pos, v_rows)
         # the filled rows, [Hkv, n, D]: one copy of n rows per head (a 3-D buffer needs no batch select after)
         return kb[:, : self.kv_len], vb[:, : self.kv_len]
 
