@@ -53,26 +53,25 @@ def profile_ours(bundle: Path, ids: list[int], steps: int, mask: str) -> tuple[d
 
     import executorch.kernels.quantized  # noqa: F401
     import torch
-    from executorch.runtime import Runtime
 
+    from firstkit.runtime.backends import ExecuTorchBackend
     from firstkit.runtime.runner import parse_mask
 
-    prog = Runtime.get().load_program(bundle / "model.pte", enable_etdump=True)
-    n = int(prog.load_method("get_n_layers").execute([])[0])
-    s = int(prog.load_method("get_max_seq_len").execute([])[0])
-    methods = {m: prog.load_method(m) for m in ["prefill", "embed", "head", *(f"layer_{i}" for i in range(n))]}
+    backend = ExecuTorchBackend(bundle / "model.pte", etdump=True)
+    prog, methods, n = backend.program, backend.methods, backend.n_layers
+    s = backend.constant("get_max_seq_len")
     override = torch.tensor(parse_mask(mask, n, []), dtype=torch.long)
-    logits, bits = methods["prefill"].execute([torch.tensor([ids]), override])
-    active = [i for i, b in enumerate(bits.tolist()) if b]
+    logits, bits = backend.prefill(torch.tensor([ids]), override)
+    active = [i for i, b in enumerate(bits) if b]
     positions = torch.arange(s)
     tok = int(logits.reshape(-1).argmax())
     wall = []
     for k in range(steps):
         pos = len(ids) + k
         t0 = time.perf_counter()
-        h = methods["embed"].execute([torch.tensor([[tok]])])[0].clone()
+        h = methods["embed"].execute([torch.tensor([[tok]])])[0]
         for i in active:
-            h = methods[f"layer_{i}"].execute([h, positions[pos:pos + 1], positions[: pos + 1]])[0].clone()
+            h = methods[f"layer_{i}"].execute([h, positions[pos:pos + 1], positions[: pos + 1]])[0]
         tok = int(methods["head"].execute([h])[0].reshape(-1).argmax())
         wall.append((time.perf_counter() - t0) * 1e6)
     with tempfile.TemporaryDirectory() as d:

@@ -1,7 +1,7 @@
 """Summaries of ExecuTorch ETDump traces recorded by the native runner (``--profile``).
 
 The runner wraps every method call in an ETDump event named ``method:<name>``; the summary adds
-those up per method (prefill, embed, each layer, head) and lists the slowest operators / delegate
+those up per method (embed, route, each prefill_i and layer_i, head) and lists the slowest operators / delegate
 calls, using ``executorch.devtools.Inspector``.
 """
 
@@ -32,13 +32,10 @@ def summarize_etdump(path: str, top_ops: int = 8) -> dict:
     total = sum(sum(v) for v in methods.values())
 
     def order(name: str) -> tuple:
-        if name == "prefill":
-            return (0, 0)
-        if name == "embed":
-            return (1, 0)
-        if name.startswith("layer_"):
-            return (2, int(name.split("_")[1]))
-        return (3, 0)
+        kind, _, idx = name.rpartition("_")
+        if kind in ("prefill", "layer") and idx.isdigit():
+            return (2 if kind == "prefill" else 3, int(idx))
+        return ({"embed": 0, "route": 1}.get(name, 4), 0)
 
     rows = [{"method": m, "calls": len(v), "total_ms": sum(v), "mean_ms": sum(v) / len(v),
              "share": (sum(v) / total if total else 0.0)}
@@ -56,6 +53,10 @@ def format_profile(summary: dict, title: str) -> str:
     for r in summary["methods"]:
         lines.append(f"  {r['method']:<12} {r['calls']:>6} {r['total_ms']:>10.3f} {r['mean_ms']:>9.4f} "
                      f"{100 * r['share']:>5.1f}%")
+    prefill_layers = [r for r in summary["methods"] if r["method"].startswith("prefill_")]
+    if prefill_layers:
+        lines.append(f"  prefill layers together: {sum(r['total_ms'] for r in prefill_layers):.3f} ms "
+                     f"({len(prefill_layers)} running layers)")
     if decode_layers:
         lt = sum(r["total_ms"] for r in decode_layers)
         lines.append(f"  decode layers together: {lt:.3f} ms ({len(decode_layers)} running layers)")

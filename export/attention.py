@@ -32,15 +32,13 @@ def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not supported by the export attention")
     b, h, t, d = query.shape
-    if not isinstance(t, int):  # symbolic prompt length (prefill export): the folded reshape cannot be traced
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      softcap=softcap, **kwargs)
+    dynamic = not isinstance(t, int)  # symbolic prompt length (a prefill graph)
     hkv, s = key.shape[-3], key.shape[-2]
     g = h // hkv
     if scaling is None:
         scaling = d ** -0.5
+    if dynamic:  # the fold below needs query rows in memory order; at T = 1 (decode) that is free
+        query = query.contiguous()
     q = query.reshape(b * hkv, g * t, d)  # rows ordered (head in group, position)
     # the cache is read where it lies: a 3-D key is already [Hkv, S, D]; batch 1 selects (a reshape of a
     # dynamic-length slice would guard on it being the whole buffer)
@@ -55,11 +53,15 @@ def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         mask = attention_mask[:, :, :, :s]
-        mask = mask.repeat(1, 1, g, 1) if g > 1 and t > 1 else mask  # [B|1, 1, G*T, S]
-        scores = (scores.reshape(b, hkv, g * t, s) + mask).reshape(b * hkv, g * t, s)
+        if dynamic:  # broadcast over the group (a repeat would guard on T > 1)
+            scores = (scores.reshape(b, hkv, g, t, s) + mask[:, :, None]).reshape(b * hkv, g * t, s)
+        else:
+            mask = mask.repeat(1, 1, g, 1) if g > 1 and t > 1 else mask  # [B|1, 1, G*T, S]
+            scores = (scores.reshape(b, hkv, g * t, s) + mask).reshape(b * hkv, g * t, s)
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
     out = torch.bmm(probs, v)  # [B*Hkv, G*T, D]
-    return out.reshape(b, h, t, d).transpose(1, 2).contiguous(), None
+    # unflatten, not reshape: a reshape of the bmm output guards on T's strides in a dynamic graph
+    return out.unflatten(1, (g, t)).reshape(b, h, t, d).transpose(1, 2).contiguous(), None
 
 
 def use_grouped_attention(model: nn.Module) -> None:

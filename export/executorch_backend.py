@@ -11,12 +11,7 @@ from collections.abc import Callable
 import torch
 from torch.export import Dim, ExportedProgram
 
-from .graph import EmbedMethod, ExportCore, HeadMethod, LayerMethod, PrefillMethod
-
-
-def method_names(n_layers: int) -> list[str]:
-    """Executable method names in a bundle's ``model.pte`` (constant methods excluded)."""
-    return ["prefill", "embed", *[f"layer_{i}" for i in range(n_layers)], "head"]
+from .graph import EmbedMethod, ExportCore, HeadMethod, LayerMethod, PrefillLayerMethod, RouteMethod
 
 
 def export_programs(core: ExportCore, progress: Callable[[str], None] | None = None
@@ -29,19 +24,22 @@ def export_programs(core: ExportCore, progress: Callable[[str], None] | None = N
     t_dim = Dim("T", min=1, max=core.max_seq_len)
     example_t = min(4, core.max_seq_len)
     with torch.no_grad():
-        if progress:
-            progress("prefill")
-        progs["prefill"] = torch.export.export(
-            PrefillMethod(core),
-            (torch.zeros(1, example_t, dtype=torch.long), torch.full((n,), -1, dtype=torch.long)),
-            dynamic_shapes=({1: t_dim}, None),
-            strict=False,
-        )
+        # prompt-length graphs: embed, route and prefill_i take [1, T, ...] (T = 1 for embed in decode)
+        prompt_h = torch.zeros(1, example_t, hsz, dtype=torch.float32)
         if progress:
             progress("embed")
-        progs["embed"] = torch.export.export(
-            EmbedMethod(core), (torch.zeros(1, 1, dtype=torch.long),), strict=False
-        )
+        progs["embed"] = torch.export.export(EmbedMethod(core), (torch.zeros(1, example_t, dtype=torch.long),),
+                                             dynamic_shapes=({1: t_dim},), strict=False)
+        if progress:
+            progress("route")
+        progs["route"] = torch.export.export(
+            RouteMethod(core), (prompt_h, torch.zeros(1, dtype=torch.long), torch.full((n,), -1, dtype=torch.long)),
+            dynamic_shapes=({1: t_dim}, None, None), strict=False)
+        for i in range(n):
+            if progress:
+                progress(f"prefill_{i}")
+            progs[f"prefill_{i}"] = torch.export.export(PrefillLayerMethod(core, i), (prompt_h,),
+                                                        dynamic_shapes=({1: t_dim},), strict=False)
         h = torch.zeros(1, 1, hsz, dtype=torch.float32)
         example_pos = min(3, core.max_seq_len - 1)
         pos = torch.tensor([example_pos], dtype=torch.long)

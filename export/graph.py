@@ -1,8 +1,14 @@
 """Export-side graph: one module instance with a static KV cache, exposed as several methods.
 
-The same :class:`ExportCore` instance backs every exported method (``prefill``, ``embed``,
-``layer_i``, ``head``) so the KV-cache buffers have the same fully qualified names in every
-method and ExecuTorch can share them (``share_mutable_buffers=True``).
+The same :class:`ExportCore` instance backs every exported method so the KV-cache buffers have the same fully
+qualified names in every method and ExecuTorch can share them (``share_mutable_buffers=True``). The ExecuTorch
+program's methods (docs/bundle_format.md):
+
+* ``embed(tokens [1, T])``, ``head(hidden [1, 1, H])``;
+* ``route(hidden [1, T, H], layer [1], mask_override [L]) -> run [1]``: the routing rule for any layer, from the
+  prompt's hidden state entering it (the routers' weights are stacked per layer);
+* ``prefill_i(hidden [1, T, H])``: layer ``i`` over the prompt, called only when ``route`` says it runs;
+* ``layer_i(hidden [1, 1, H], input_pos, kv_positions)``: layer ``i`` for one decode token.
 
 The decoder layers are the Hugging Face modules themselves, called with
 
@@ -85,17 +91,15 @@ def model_parts(base: nn.Module) -> ModelParts:
 class _StaticCache:
     """Duck-typed HF cache: writes the new keys/values into registered buffers.
 
-    mode ``prefill``: positions ``0..T-1``; the write keeps the old buffer contents where the
-    layer does not run (``where(run, new, old)``) and attention uses the fresh keys only.
+    mode ``prefill``: positions ``0..T-1``; attention uses the fresh keys only.
     mode ``decode``: one position ``input_pos``; attention sees the first ``kv_len`` rows (the filled ones),
     returned as ``[Hkv, kv_len, D]`` (see :func:`~firstkit.export.attention.grouped_attention`).
     """
 
-    def __init__(self, core: ExportCore, mode: str, run: torch.Tensor | None = None,
-                 input_pos: torch.Tensor | None = None, kv_len: int | torch.SymInt = 0) -> None:
+    def __init__(self, core: ExportCore, mode: str, input_pos: torch.Tensor | None = None,
+                 kv_len: int | torch.SymInt = 0) -> None:
         self.core = core
         self.mode = mode
-        self.run = run
         self.input_pos = input_pos
         self.kv_len = kv_len
 
@@ -106,17 +110,10 @@ class _StaticCache:
         value = value.to(vb.dtype)
         k_rows = key.view(key.shape[1:])  # [1, Hkv, T, D] -> [Hkv, T, D] (lowered as a view, no copy)
         v_rows = value.view(value.shape[1:])
-        if self.mode == "prefill":
-            pos = self.input_pos
-            if self.run is None:
-                kb.index_copy_(1, pos, k_rows)
-                vb.index_copy_(1, pos, v_rows)
-            else:
-                kb.index_copy_(1, pos, torch.where(self.run, k_rows, kb.index_select(1, pos)))
-                vb.index_copy_(1, pos, torch.where(self.run, v_rows, vb.index_select(1, pos)))
-            return key, value
         kb.index_copy_(1, self.input_pos, k_rows)
         vb.index_copy_(1, self.input_pos, v_rows)
+        if self.mode == "prefill":
+            return key, value
         # the filled rows, [Hkv, n, D]: one copy of n rows per head (a 3-D buffer needs no batch select after)
         return kb[:, : self.kv_len], vb[:, : self.kv_len]
 
@@ -160,6 +157,15 @@ class ExportCore(nn.Module):
         for i in protected:
             prot[i % self.n_layers] = True
         self.register_buffer("protected", prot, persistent=False)
+        if self.router_list is not None:  # stacked per layer for the single ``route`` graph
+            self.register_buffer("router_w1", torch.stack([r.proj.weight.float() for r in self.router_list]),
+                                 persistent=False)
+            self.register_buffer("router_b1", torch.stack([r.proj.bias.float() for r in self.router_list]),
+                                 persistent=False)
+            self.register_buffer("router_w2", torch.stack([r.out.weight.float() for r in self.router_list]),
+                                 persistent=False)
+            self.register_buffer("router_b2", torch.stack([r.out.bias.float() for r in self.router_list]),
+                                 persistent=False)
         self.max_seq_len = int(max_seq_len)
         # one spare row: the filled prefix ``[:n]`` (n <= max_seq_len) is then never the whole buffer, which
         # torch.export would otherwise specialize on (the slice's contiguity differs at n == rows)
@@ -220,16 +226,41 @@ class ExportCore(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits.float()
 
+    def _rule(self, logit: torch.Tensor | None, protected: torch.Tensor, override: torch.Tensor) -> torch.Tensor:
+        """The routing rule (CONTRACTS.md): an override (0/1) wins, else run iff logit >= threshold or protected.
+
+        Bool, same shape as ``override``; ``logit`` is ``None`` without routers (every layer runs).
+        """
+        if logit is None:
+            run = torch.ones_like(override, dtype=torch.bool)
+        else:
+            run = (logit >= self.threshold_logit) | protected
+        # int64 select (onnxruntime has no bool Where kernel)
+        return torch.where(override >= 0, (override > 0).to(torch.long), run.to(torch.long)) > 0
+
     def decide(self, i: int, h: torch.Tensor, mask_override: torch.Tensor) -> torch.Tensor:
-        """Bool scalar: does layer ``i`` run, given the hidden state entering it (CONTRACTS.md)."""
+        """Bool scalar: does layer ``i`` run, given the hidden state entering it."""
+        logit = None
         if self.router_list is not None:
             logit = self.router_list[i](pool_prompt(h.to(torch.float32))).reshape(())
-            run = (logit >= self.threshold_logit) | self.protected[i]
-        else:
-            run = torch.ones((), dtype=torch.bool)
-        ov = mask_override[i]
-        # int64 select (onnxruntime has no bool Where kernel)
-        return torch.where(ov >= 0, (ov > 0).to(torch.long), run.to(torch.long)) > 0
+        return self._rule(logit, self.protected[i], mask_override[i])
+
+    def route(self, h: torch.Tensor, layer: torch.Tensor, mask_override: torch.Tensor) -> torch.Tensor:
+        """:meth:`decide` with the layer as a tensor (int64 ``[1]``): one graph serves every layer.
+
+        The routers' weights are stacked per layer and the layer's row is gathered, so the exported ``route``
+        method computes exactly what ``router_list[i]`` computes. Returns int64 ``[1]`` (1 = run).
+        """
+        logit = None
+        if self.router_list is not None:
+            pooled = pool_prompt(h.to(torch.float32))  # [1, H]
+            w1 = self.router_w1.index_select(0, layer)[0]  # [r, H]
+            b1 = self.router_b1.index_select(0, layer)  # [1, r]
+            w2 = self.router_w2.index_select(0, layer)[0]  # [1, r]
+            z = torch.nn.functional.silu(torch.nn.functional.linear(pooled, w1) + b1)
+            logit = (torch.nn.functional.linear(z, w2) + self.router_b2.index_select(0, layer)).reshape(1)
+        return self._rule(logit, self.protected.index_select(0, layer),
+                          mask_override.index_select(0, layer)).to(torch.long)
 
     def prompt_context(self, h: torch.Tensor, t: int):
         """Positions, per-layer-type attention masks and rotary embeddings for a prompt of ``t`` tokens."""
@@ -253,25 +284,20 @@ class ExportCore(nn.Module):
         return self._call_layer(i, h, input_pos[None], attn_mask, cache, rope)
 
     # ---- methods ------------------------------------------------------------------------
-    def prefill(self, tokens: torch.Tensor, mask_override: torch.Tensor):
-        """tokens int64 [1, T], mask_override int64 [L] -> (logits [1, V], mask int64 [L])."""
-        h = self.parts.embed_tokens(tokens)
-        pos, masks, ropes = self.prompt_context(h, tokens.shape[1])
-        position_ids = pos[None]
-        runs = []
-        for i in range(self.n_layers):
-            lt = self.parts.layer_types[i]
-            run = self.decide(i, h, mask_override)
-            runs.append(run)
-            cache = _StaticCache(self, "prefill", run=run, input_pos=pos)
-            new_h = self._call_layer(i, h, position_ids, masks[lt], cache, ropes[lt])
-            h = torch.where(run, new_h, h)
-        mask = torch.stack(runs).to(torch.long)
-        return self._logits(h[:, -1, :]), mask
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens int64 [1, T] -> hidden [1, T, H] (T = 1 in decode)."""
+        return self.parts.embed_tokens(tokens).float()
 
-    def embed(self, token: torch.Tensor) -> torch.Tensor:
-        """token int64 [1, 1] -> hidden [1, 1, H]."""
-        return self.parts.embed_tokens(token).float()
+    def prefill_layer(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer ``i`` over a whole prompt ``h [1, T, H]`` at positions ``0..T-1``; writes cache rows ``0..T-1``.
+
+        Called only for the layers the prompt's routing runs: a skipped layer costs nothing in prefill either,
+        and its cache rows are never written (nor read: the mask holds for the whole decode).
+        """
+        lt = self.parts.layer_types[i]
+        pos = torch.arange(h.shape[1], dtype=torch.long, device=h.device)
+        cache = _StaticCache(self, "prefill", input_pos=pos)
+        return self._call_layer(i, h, pos[None], self._attn_mask(pos, pos, lt), cache, self.rope_at(pos, lt))
 
     def layer(self, i: int, h: torch.Tensor, input_pos: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
         """One decoder layer for one token at ``input_pos`` (int64 [1]); ``kv_positions`` = ``0..pos`` (int64).
@@ -292,26 +318,38 @@ class ExportCore(nn.Module):
             self.get_buffer(f"v_cache_{i}").zero_()
 
 
-class PrefillMethod(nn.Module):
-    """``prefill(tokens, mask_override) -> (logits, mask)``."""
-
-    def __init__(self, core: ExportCore) -> None:
-        super().__init__()
-        self.core = core
-
-    def forward(self, tokens: torch.Tensor, mask_override: torch.Tensor):
-        return self.core.prefill(tokens, mask_override)
-
-
 class EmbedMethod(nn.Module):
-    """``embed(token) -> hidden``."""
+    """``embed(tokens) -> hidden``."""
 
     def __init__(self, core: ExportCore) -> None:
         super().__init__()
         self.core = core
 
-    def forward(self, token: torch.Tensor) -> torch.Tensor:
-        return self.core.embed(token)
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.core.embed(tokens)
+
+
+class RouteMethod(nn.Module):
+    """``route(hidden, layer, mask_override) -> run``."""
+
+    def __init__(self, core: ExportCore) -> None:
+        super().__init__()
+        self.core = core
+
+    def forward(self, h: torch.Tensor, layer: torch.Tensor, mask_override: torch.Tensor) -> torch.Tensor:
+        return self.core.route(h, layer, mask_override)
+
+
+class PrefillLayerMethod(nn.Module):
+    """``prefill_i(hidden) -> hidden`` over the whole prompt."""
+
+    def __init__(self, core: ExportCore, index: int) -> None:
+        super().__init__()
+        self.core = core
+        self.index = index
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.core.prefill_layer(self.index, h)
 
 
 class LayerMethod(nn.Module):

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from firstkit.runtime.bundle import executorch_methods
+
 from .graph import ExportCore
 from .quantize import SCHEMES, detached_base, quantize
 
@@ -32,6 +34,8 @@ MASK_SEMANTICS = {
     "router": ("layer i runs iff logit_i >= log(t/(1-t)) or i is protected; logit_i = out_i(silu(proj_i(pooled))), "
                "pooled = mean over prompt tokens of h*rsqrt(mean(h^2)+1e-6), h = hidden state entering layer i"),
     "frozen": "decided once in prefill and frozen for the whole decode; skipped layers never run and write no KV",
+    "prefill": ("h = embed(tokens); for each layer i: mask[i] = route(h, [i], mask_override); if mask[i]: "
+                "h = prefill_i(h); logits = head(h[:, T-1:])"),
     "decode": ("h = embed(tok); for i with mask[i]: h = layer_i(h, [pos], [0..pos]); logits = head(h); "
                "pos = index in sequence"),
 }
@@ -130,23 +134,28 @@ def _versions() -> dict:
 
 
 def _method_signatures(n: int, h: int, v: int, s: int) -> dict:
+    prompt_h = {"name": "hidden", "dtype": "float32", "shape": [1, "T", h], "T": [1, s]}
     sig = {
-        "prefill": {"inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, "T"], "T": [1, s]},
-                               {"name": "mask_override", "dtype": "int64", "shape": [n]}],
-                    "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, v]},
-                                {"name": "mask", "dtype": "int64", "shape": [n]}]},
-        "embed": {"inputs": [{"name": "token", "dtype": "int64", "shape": [1, 1]}],
-                  "outputs": [{"name": "hidden", "dtype": "float32", "shape": [1, 1, h]}]},
+        "embed": {"inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, "T"], "T": [1, s]}],
+                  "outputs": [{"name": "hidden", "dtype": "float32", "shape": [1, "T", h]}]},
+        "route": {"inputs": [prompt_h, {"name": "layer", "dtype": "int64", "shape": [1]},
+                             {"name": "mask_override", "dtype": "int64", "shape": [n],
+                              "values": "-1 = routers decide, 0 = skip, 1 = run"}],
+                  "outputs": [{"name": "run", "dtype": "int64", "shape": [1]}]},
         "head": {"inputs": [{"name": "hidden", "dtype": "float32", "shape": [1, 1, h]}],
                  "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, v]}]},
     }
+    for i in range(n):
+        sig[f"prefill_{i}"] = {"inputs": [prompt_h],
+                               "outputs": [{"name": "hidden", "dtype": "float32", "shape": [1, "T", h]}],
+                               "writes": "cache rows 0..T-1 of layer i"}
     for i in range(n):
         sig[f"layer_{i}"] = {"inputs": [{"name": "hidden", "dtype": "float32", "shape": [1, 1, h]},
                                         {"name": "input_pos", "dtype": "int64", "shape": [1]},
                                         {"name": "kv_positions", "dtype": "int64", "shape": ["pos+1"],
                                          "values": "0..input_pos; its length = filled cache rows read"}],
                              "outputs": [{"name": "hidden", "dtype": "float32", "shape": [1, 1, h]}]}
-    return sig
+    return {m: sig[m] for m in executorch_methods(n)}  # the runtime's list, in call order
 
 
 def _eos_bos(first_model) -> tuple[int | None, list[int]]:

@@ -35,7 +35,7 @@ def test_local_bench_table_json_resume_plots_profile(tmp_path):
     assert {p["mask_spec"] for p in profiles} == {"all", "auto", "1001"}
     prof = next(p for p in profiles if p["mask_spec"] == "1001")
     calls = {m["method"]: m["calls"] for m in prof["summary"]["methods"]}
-    assert calls == {"prefill": 1, "embed": 5, "layer_0": 5, "layer_3": 5, "head": 5}
+    assert calls == {"embed": 6, "route": 4, "prefill_0": 1, "prefill_3": 1, "layer_0": 5, "layer_3": 5, "head": 6}
     assert "time per method" in r.stderr
     # resume: everything is complete, nothing runs again, the table still shows every configuration
     r2 = CliRunner().invoke(main, args)

@@ -33,8 +33,8 @@ def test_cli_export_manifest_and_verification(arch):
     assert m["routing"]["policy"] == "routers"
     assert m["max_seq_len"] == TINY_MAX_SEQ
     n = m["model"]["num_layers"]
-    assert set(m["backends"]["executorch"]["methods"]) == {"prefill", "embed", "head",
-                                                         *(f"layer_{i}" for i in range(n))}
+    assert set(m["backends"]["executorch"]["methods"]) == {"embed", "route", *(f"prefill_{i}" for i in range(n)),
+                                                         *(f"layer_{i}" for i in range(n)), "head"}
     assert "model.pte" in m["files"] and any(f.startswith("tokenizer/") for f in m["files"])
     for rel, e in m["files"].items():
         assert sha256_file(bundle / rel) == e["sha256"]

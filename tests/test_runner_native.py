@@ -139,8 +139,10 @@ def test_etdump_profile_per_method(tmp_path):
     assert p.returncode == 0, p.stderr
     s = summarize_etdump(str(trace))
     calls = {r["method"]: r["calls"] for r in s["methods"]}
-    # 2 runs: 1 prefill each, 5 decode steps each calling embed, the 2 running layers and head
-    assert calls == {"prefill": 2, "embed": 10, "layer_0": 10, "layer_3": 10, "head": 10}
+    # 2 runs, each: a prefill (embed, route before each of the 4 layers, prefill_i of the 2 running ones, head),
+    # then 5 decode steps calling embed, the 2 running layers and head; skipped layers are never called
+    assert calls == {"embed": 12, "route": 8, "prefill_0": 2, "prefill_3": 2, "layer_0": 10, "layer_3": 10,
+                     "head": 12}
     assert s["total_ms"] > 0 and abs(sum(r["share"] for r in s["methods"]) - 1) < 1e-6
     assert "layer_3" in format_profile(s, "t")
 

@@ -1,9 +1,10 @@
 """Backends that execute a bundle's graphs: ExecuTorch pybindings and onnxruntime.
 
-Both expose the same four calls (CONTRACTS.md):
+Both expose the same calls (CONTRACTS.md):
 ``prefill(ids[1, T], override[L]) -> (logits[V], mask[L])``, ``embed(token) -> h``,
 ``layer(i, h, pos) -> h``, ``head(h) -> logits[V]``. ``decode_step`` strings them together: the one decode
-loop of the Python side (the verifier and the bench's reference runs call it too).
+loop of the Python side (the verifier and the bench's reference runs call it too). The ExecuTorch prefill runs
+the program's ``route`` method before each layer and that layer's ``prefill_i`` only if it runs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle import BundleError
+from .bundle import BundleError, executorch_methods
 
 
 def set_executorch_threads(threads: int) -> None:
@@ -24,28 +25,33 @@ def set_executorch_threads(threads: int) -> None:
 
 
 class ExecuTorchBackend:
-    """Runs ``model.pte`` through ``executorch.runtime`` (methods share memory arenas and KV buffers)."""
+    """Runs ``model.pte`` through ``executorch.runtime`` (methods share memory arenas and KV buffers).
+
+    ``execute`` copies every output out of the shared arenas, so results need no further copy.
+    """
 
     name = "executorch"
 
-    def __init__(self, pte_path: str | Path, n_layers: int | None = None, threads: int | None = None) -> None:
+    def __init__(self, pte_path: str | Path, n_layers: int | None = None, threads: int | None = None,
+                 etdump: bool = False) -> None:
         import executorch.kernels.quantized  # noqa: F401  (registers quantized kernels for 8da4w)
         from executorch.runtime import Runtime
 
         if threads:
             set_executorch_threads(threads)
         try:
-            self.program = Runtime.get().load_program(Path(pte_path))
+            self.program = Runtime.get().load_program(Path(pte_path), enable_etdump=etdump)
             self.n_layers = n_layers = n_layers if n_layers is not None else self.constant("get_n_layers")
             # layer_i's kv_positions input is 0..pos: a prefix view of this (its length = filled cache rows)
             self.positions = torch.arange(self.constant("get_max_seq_len"), dtype=torch.long)
             names = set(self.program.method_names)
-            wanted = ["prefill", "embed", "head", *(f"layer_{i}" for i in range(n_layers))]
+            wanted = executorch_methods(n_layers)
             missing = [m for m in wanted if m not in names]
             if missing:
                 raise BundleError(f"{pte_path}: program lacks methods {', '.join(missing[:5])}")
             self.methods = {m: self.program.load_method(m) for m in wanted}
             self._layers = [self.methods[f"layer_{i}"] for i in range(n_layers)]
+            self._prefill_layers = [self.methods[f"prefill_{i}"] for i in range(n_layers)]
         except BundleError:
             raise
         except Exception as e:  # the pybindings raise RuntimeError/ValueError on a bad program
@@ -57,19 +63,27 @@ class ExecuTorchBackend:
         return [int(x) for x in out] if len(out) > 1 else int(out[0])
 
     def prefill(self, ids: torch.Tensor, override: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        logits, mask = self.methods["prefill"].execute([ids, override])
-        return logits.clone().reshape(-1), [int(x) for x in mask.tolist()]
+        """Route, then run, layer by layer: a skipped layer's ``prefill_i`` is never called."""
+        h = self.methods["embed"].execute([ids])[0]
+        route = self.methods["route"]
+        mask = []
+        for i, layer in enumerate(self._prefill_layers):
+            run = int(route.execute([h, torch.tensor([i], dtype=torch.long), override])[0].reshape(-1)[0])
+            mask.append(run)
+            if run:
+                h = layer.execute([h])[0]
+        return self.head(h[:, -1:, :].contiguous()), mask
 
     def embed(self, token: torch.Tensor) -> torch.Tensor:
-        return self.methods["embed"].execute([token])[0].clone()
+        return self.methods["embed"].execute([token])[0]
 
     def layer(self, i: int, h: torch.Tensor, pos: int) -> torch.Tensor:
         """Layer ``i`` for the token at ``pos``; it reads the cache rows ``0..pos`` only."""
         kv_positions = self.positions[: pos + 1]
-        return self.methods[f"layer_{i}"].execute([h, kv_positions[pos:], kv_positions])[0].clone()
+        return self.methods[f"layer_{i}"].execute([h, kv_positions[pos:], kv_positions])[0]
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.methods["head"].execute([h])[0].clone().reshape(-1)
+        return self.methods["head"].execute([h])[0].reshape(-1)
 
     def decode_step(self, token: int, pos: int, active: list[int]) -> torch.Tensor:
         """Logits after feeding ``token`` at ``pos`` through the ``active`` layers only."""
@@ -77,7 +91,7 @@ class ExecuTorchBackend:
         input_pos = kv_positions[pos:]
         h = self.embed(torch.tensor([[token]], dtype=torch.long))
         for i in active:
-            h = self._layers[i].execute([h, input_pos, kv_positions])[0].clone()
+            h = self._layers[i].execute([h, input_pos, kv_positions])[0]
         return self.head(h)
 
 

@@ -236,15 +236,20 @@ def _check_consistency(manifest: dict, where: str) -> None:
     if et is not None:
         if et.get("file") not in files:
             raise BundleError(f"{where}: backends.executorch.file is not listed under files")
-        expected = {"prefill", "embed", "head", *(f"layer_{i}" for i in range(n))}
-        if set(et.get("methods", {})) != expected:
-            raise BundleError(f"{where}: backends.executorch.methods must be prefill, embed, layer_0..layer_{n - 1}, "
-                              "head")
+        if set(et.get("methods", {})) != set(executorch_methods(n)):
+            raise BundleError(f"{where}: backends.executorch.methods must be embed, route, prefill_0..prefill_{n - 1}, "
+                              f"layer_0..layer_{n - 1}, head (a bundle from an older firstkit: export it again)")
     ox = backends.get("onnx")
     if ox is not None:
         for key in ("prefill", "decode"):
             if ox.get(key, {}).get("file") not in files:
                 raise BundleError(f"{where}: backends.onnx.{key}.file is not listed under files")
+
+
+def executorch_methods(n_layers: int) -> list[str]:
+    """The executable methods of a bundle's ``model.pte`` (docs/bundle_format.md), in call order."""
+    return ["embed", "route", *(f"prefill_{i}" for i in range(n_layers)), *(f"layer_{i}" for i in range(n_layers)),
+            "head"]
 
 
 def manifest_sha256(bundle: str | os.PathLike) -> str:

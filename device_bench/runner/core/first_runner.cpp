@@ -295,7 +295,7 @@ class RunnerImpl final : public Runner {
     auto names = module_->method_names();
     if (!names.ok()) throw RunnerError("cannot list methods of " + pte_path);
     const auto& have = names.get();
-    for (const char* m : {"prefill", "embed", "head", "get_n_layers", "get_max_seq_len"})
+    for (const char* m : {"embed", "route", "head", "get_n_layers", "get_max_seq_len"})
       if (!have.count(m)) throw RunnerError(std::string("program lacks method '") + m + "' (not a firstkit bundle?)");
     info_.num_layers = const_int("get_n_layers");
     info_.max_seq_len = const_int("get_max_seq_len");
@@ -309,8 +309,10 @@ class RunnerImpl final : public Runner {
     }
     if (info_.num_layers <= 0) throw RunnerError("bad layer count in program");
     for (int64_t i = 0; i < info_.num_layers; ++i)
-      if (!have.count("layer_" + std::to_string(i)))
-        throw RunnerError("program lacks method 'layer_" + std::to_string(i) + "'");
+      for (const char* kind : {"prefill_", "layer_"})
+        if (!have.count(kind + std::to_string(i)))
+          throw RunnerError(std::string("program lacks method '") + kind + std::to_string(i) +
+                            "' (a bundle from an older firstkit? export it again)");
 
     // Manifest vs program: the layer count must agree where the manifest states it.
     for (auto keys : {std::initializer_list<const char*>{"num_layers"}, std::initializer_list<const char*>{"n_layers"},
@@ -408,21 +410,40 @@ class RunnerImpl final : public Runner {
     auto ov_t = et::extension::from_blob(override_buf.data(), {static_cast<int>(L)}, ScalarType::Long);
 
     auto t0 = clock::now();
-    auto pr = exec("prefill", {EValue(*tok_t), EValue(*ov_t)});
-    if (!pr.ok()) throw RunnerError("prefill failed: " + err_text(pr.error()));
-    const auto& outs = pr.get();
-    if (outs.size() < 2 || !outs[0].isTensor() || !outs[1].isTensor())
-      throw RunnerError("prefill returned unexpected outputs");
-    int64_t next = argmax(outs[0].toTensor());
-    const auto& mask_t = outs[1].toTensor();
-    if (mask_t.numel() != L) throw RunnerError("prefill mask has wrong length");
+    // Prefill, layer by layer: `route` applies the routing rule (inside the program) to the prompt's hidden
+    // state entering layer i; `prefill_i` runs only if it says so and writes that layer's cache rows 0..T-1.
+    // A skipped layer costs nothing here, and the decode below never calls it either.
+    std::vector<float> prompt_h;
+    auto er0 = exec("embed", {EValue(*tok_t)});
+    if (!er0.ok()) throw RunnerError("embed failed: " + err_text(er0.error()));
+    copy_float(er0.get().at(0).toTensor(), prompt_h);  // outputs may alias shared arenas: copy now
+    const int64_t H = int64_t(prompt_h.size()) / T;
+    auto prompt_t = et::extension::from_blob(prompt_h.data(), {1, static_cast<int>(T), static_cast<int>(H)},
+                                             ScalarType::Float);
+    int64_t layer_in = 0;
+    auto layer_t = et::extension::from_blob(&layer_in, {1}, ScalarType::Long);
     std::vector<int64_t> running;
     res.mask.reserve(size_t(L));
     for (int64_t i = 0; i < L; ++i) {
-      int64_t bit = read_int(mask_t, i);
-      res.mask += bit ? '1' : '0';
-      if (bit) running.push_back(i);
+      layer_in = i;
+      auto rr = exec("route", {EValue(*prompt_t), EValue(*layer_t), EValue(*ov_t)});
+      if (!rr.ok()) throw RunnerError("route failed: " + err_text(rr.error()));
+      if (rr.get().empty() || !rr.get()[0].isTensor() || rr.get()[0].toTensor().numel() != 1)
+        throw RunnerError("route returned unexpected outputs");
+      const bool run = read_int(rr.get()[0].toTensor(), 0) != 0;
+      res.mask += run ? '1' : '0';
+      if (!run) continue;
+      running.push_back(i);
+      const std::string name = "prefill_" + std::to_string(i);
+      auto pr = exec(name, {EValue(*prompt_t)});
+      if (!pr.ok()) throw RunnerError(name + " failed: " + err_text(pr.error()));
+      copy_float(pr.get().at(0).toTensor(), prompt_h);  // same size: prompt_t still points at it
     }
+    std::vector<float> last(prompt_h.end() - H, prompt_h.end());  // the last prompt position's hidden state
+    auto last_t = et::extension::from_blob(last.data(), {1, 1, static_cast<int>(H)}, ScalarType::Float);
+    auto hr0 = exec("head", {EValue(*last_t)});
+    if (!hr0.ok()) throw RunnerError("head failed: " + err_text(hr0.error()));
+    int64_t next = argmax(hr0.get().at(0).toTensor());
     res.prefill_ms = ms_since(t0);
     res.skip_ratio = double(L - int64_t(running.size())) / double(L);
 
@@ -478,7 +499,7 @@ class RunnerImpl final : public Runner {
 
  private:
   // Executes a method; with profiling on, wraps it in an ETDump event named "method:<name>" so the
-  // Inspector summary can attribute time per method (prefill, embed, layer_i, head).
+  // Inspector summary can attribute time per method (embed, route, prefill_i, layer_i, head).
   et::runtime::Result<std::vector<EValue>> exec(const std::string& name, const std::vector<EValue>& inputs) {
     if (!etdump_) return module_->execute(name, inputs);
     auto it = event_names_.find(name);

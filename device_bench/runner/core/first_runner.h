@@ -6,13 +6,15 @@
 //
 // A bundle is the directory written by `first-export` (docs/CONTRACTS.md, docs/bundle_format.md):
 // manifest.json + model.pte with the methods
-//   prefill(tokens int64[1,T], mask_override int64[L]) -> (logits float32[1,V], mask int64[L])
-//   embed(token int64[1,1]) -> hidden float32[1,1,H]
+//   embed(tokens int64[1,T]) -> hidden float32[1,T,H]                          (T = 1 in decode)
+//   route(hidden float32[1,T,H], layer int64[1], mask_override int64[L]) -> run int64[1]
+//   prefill_{i}(hidden float32[1,T,H]) -> hidden float32[1,T,H]   (writes layer i's cache rows 0..T-1)
 //   layer_{i}(hidden float32[1,1,H], input_pos int64[1], kv_positions int64[pos+1]) -> hidden float32[1,1,H]
 //     (kv_positions = 0..pos; the layer reads only those filled cache rows)
 //   head(hidden float32[1,1,H]) -> logits float32[1,V]
 //   get_max_seq_len, get_n_layers, get_vocab_size, get_bos_id, get_eos_ids (constant methods)
-// All methods share the KV-cache buffers (Module with share_memory_arenas = true).
+// Prefill calls route before each layer and prefill_{i} only for the layers that run; decode calls
+// embed, the running layer_{i}, head. All methods share the KV-cache buffers and the planned arenas.
 //
 // Typical use:
 //   firstkit::RunnerOptions opt; opt.bundle_dir = "/data/local/tmp/bundle"; opt.threads = 4;

@@ -211,15 +211,18 @@ public final class BundleManifest {
       if (!files.containsKey(String.valueOf(castObj(et).get("file")))) {
         throw new BundleException(where + ": backends.executorch.file is not listed under files");
       }
-      Set<String> expected = new HashSet<>(Arrays.asList("prefill", "embed", "head"));
-      for (long i = 0; i < n; i++) expected.add("layer_" + i);
+      Set<String> expected = new HashSet<>(Arrays.asList("embed", "route", "head"));
+      for (long i = 0; i < n; i++) {
+        expected.add("prefill_" + i);
+        expected.add("layer_" + i);
+      }
       Object methods = castObj(et).get("methods");
       Set<String> have = new HashSet<>();
       if (methods instanceof Map) have.addAll(castObj(methods).keySet());
       else if (methods instanceof List) for (Object x : (List<?>) methods) have.add(String.valueOf(x));
       if (!have.equals(expected)) {
-        throw new BundleException(where + ": backends.executorch.methods must be prefill, embed, layer_0..layer_"
-            + (n - 1) + ", head");
+        throw new BundleException(where + ": backends.executorch.methods must be embed, route, prefill_0..prefill_"
+            + (n - 1) + ", layer_0..layer_" + (n - 1) + ", head (a bundle from an older firstkit: export it again)");
       }
     }
     Object ox = backends.get("onnx");
