@@ -96,6 +96,32 @@ def test_every_method_equals_eager(arch):
     torch.testing.assert_close(runner.backend.head(h), want, atol=1e-5, rtol=0)
 
 
+def test_prefill_calls_only_the_running_layers():
+    """A skipped layer's prefill_i is never executed; the routers' decisions come from route, one per layer."""
+    bundle, _ = tiny_bundle("llama")
+    runner = load_bundle(bundle)
+    backend = runner.backend
+    n = backend.n_layers
+    calls = [0] * n
+
+    class Counting:
+        def __init__(self, i: int, method) -> None:
+            self.i, self.method = i, method
+
+        def execute(self, inputs):
+            calls[self.i] += 1
+            return self.method.execute(inputs)
+
+    want_logits, _ = runner.prefill([5, 9, 13, 2], "1" + "0" * (n - 2) + "1")
+    backend._prefill_layers = [Counting(i, m) for i, m in enumerate(backend._prefill_layers)]
+    logits, bits = runner.prefill([5, 9, 13, 2], "1" + "0" * (n - 2) + "1")
+    assert bits == [1] + [0] * (n - 2) + [1] and calls == [1] + [0] * (n - 2) + [1]
+    torch.testing.assert_close(logits, want_logits, atol=0, rtol=0)
+    calls[:] = [0] * n
+    _, bits = runner.prefill([5, 9, 13, 2], "auto")
+    assert calls == bits  # exactly the layers the routers kept
+
+
 @pytest.mark.parametrize("arch", ["llama"])
 def test_generate_matches_eager_and_cache_boundary(arch):
     bundle, _ = tiny_bundle(arch)
