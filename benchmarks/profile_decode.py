@@ -58,12 +58,10 @@ def profile_ours(bundle: Path, ids: list[int], steps: int, mask: str) -> tuple[d
     from firstkit.runtime.runner import parse_mask
 
     backend = ExecuTorchBackend(bundle / "model.pte", etdump=True)
-    prog, methods, n = backend.program, backend.methods, backend.n_layers
-    s = backend.constant("get_max_seq_len")
+    prog, methods, n, positions = backend.program, backend.methods, backend.n_layers, backend.positions
     override = torch.tensor(parse_mask(mask, n, []), dtype=torch.long)
     logits, bits = backend.prefill(torch.tensor([ids]), override)
     active = [i for i, b in enumerate(bits) if b]
-    positions = torch.arange(s)
     tok = int(logits.reshape(-1).argmax())
     wall = []
     for k in range(steps):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from firstkit.router import pool_prompt
+from firstkit.router import pool_prompt, router_logit
 
 from .attention import use_grouped_attention
 
@@ -158,14 +158,9 @@ class ExportCore(nn.Module):
             prot[i % self.n_layers] = True
         self.register_buffer("protected", prot, persistent=False)
         if self.router_list is not None:  # stacked per layer for the single ``route`` graph
-            self.register_buffer("router_w1", torch.stack([r.proj.weight.float() for r in self.router_list]),
-                                 persistent=False)
-            self.register_buffer("router_b1", torch.stack([r.proj.bias.float() for r in self.router_list]),
-                                 persistent=False)
-            self.register_buffer("router_w2", torch.stack([r.out.weight.float() for r in self.router_list]),
-                                 persistent=False)
-            self.register_buffer("router_b2", torch.stack([r.out.bias.float() for r in self.router_list]),
-                                 persistent=False)
+            for name, part in (("w1", "proj.weight"), ("b1", "proj.bias"), ("w2", "out.weight"), ("b2", "out.bias")):
+                stacked = torch.stack([r.get_parameter(part).float() for r in self.router_list])
+                self.register_buffer(f"router_{name}", stacked, persistent=False)
         self.max_seq_len = int(max_seq_len)
         # one spare row: the filled prefix ``[:n]`` (n <= max_seq_len) is then never the whole buffer, which
         # torch.export would otherwise specialize on (the slice's contiguity differs at n == rows)
@@ -253,12 +248,8 @@ class ExportCore(nn.Module):
         """
         logit = None
         if self.router_list is not None:
-            pooled = pool_prompt(h.to(torch.float32))  # [1, H]
-            w1 = self.router_w1.index_select(0, layer)[0]  # [r, H]
-            b1 = self.router_b1.index_select(0, layer)  # [1, r]
-            w2 = self.router_w2.index_select(0, layer)[0]  # [1, r]
-            z = torch.nn.functional.silu(torch.nn.functional.linear(pooled, w1) + b1)
-            logit = (torch.nn.functional.linear(z, w2) + self.router_b2.index_select(0, layer)).reshape(1)
+            row = [self.get_buffer(f"router_{n}").index_select(0, layer)[0] for n in ("w1", "b1", "w2", "b2")]
+            logit = router_logit(pool_prompt(h.to(torch.float32)), *row)  # [1]
         return self._rule(logit, self.protected.index_select(0, layer),
                           mask_override.index_select(0, layer)).to(torch.long)
 

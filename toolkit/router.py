@@ -37,6 +37,16 @@ def pool_prompt(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
     return (normed * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
+def router_logit(pooled: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor, out_weight: torch.Tensor,
+                 out_bias: torch.Tensor) -> torch.Tensor:
+    """One layer's router on pooled states ``[..., H]``: ``out(silu(proj(pooled)))`` -> logits ``[...]``.
+
+    :class:`LayerRouter` applies it with its own weights; the export's ``route`` graph with one layer's row of
+    the stacked weights.
+    """
+    return F.linear(F.silu(F.linear(pooled, proj_weight, proj_bias)), out_weight, out_bias).squeeze(-1)
+
+
 class LayerRouter(nn.Module):
     """Pooled prompt state -> one logit: run the layer (>= threshold) or skip it."""
 
@@ -50,7 +60,7 @@ class LayerRouter(nn.Module):
         nn.init.constant_(self.out.bias, init_bias)  # sigmoid(3) ~ 0.95: every layer runs at the start
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.out(F.silu(self.proj(pooled))).squeeze(-1)
+        return router_logit(pooled, self.proj.weight, self.proj.bias, self.out.weight, self.out.bias)
 
 
 class RouterStack(nn.Module):
