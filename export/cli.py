@@ -77,6 +77,9 @@ def summary_table(result) -> str:
 @click.option("--max-seq-len", type=click.IntRange(2, 32768), default=2048, show_default=True,
               help="KV-cache length (prompt + generated tokens). Decode reads only the filled rows, so a long "
                    "context costs memory, not speed.")
+@click.option("--prefill-chunk", type=click.IntRange(1, 32768), default=128, show_default=True,
+              help="Most prompt tokens per prefill call: longer prompts are prefilled in chunks. Bounds the "
+                   "runtime's activation memory (XNNPACK plans it for the largest chunk).")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Bundle directory (default bundles/<model>-<quantize>). A new path or an empty folder is "
                    "written, an existing bundle (nothing in it but its listed files) replaced; anything else is "
@@ -88,7 +91,7 @@ def summary_table(result) -> str:
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Runtime threads for verification.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (manifest + timings) on stdout.")
 def main(model: str, routers: str, budget: float | None, backend: str, scheme: str, head_bits: str, max_seq_len: int,
-         output: Path | None, verify: bool, verify_tokens: int, atol: float, threads: int | None,
+         prefill_chunk: int, output: Path | None, verify: bool, verify_tokens: int, atol: float, threads: int | None,
          as_json: bool) -> None:
     """Export MODEL's prefill + per-layer decode graphs to a verified bundle."""
     from tqdm import tqdm
@@ -109,7 +112,7 @@ def main(model: str, routers: str, budget: float | None, backend: str, scheme: s
     try:
         result = export_bundle(model, routers, backend, scheme, max_seq_len, output, verify=verify,
                                threads=threads, verify_tokens=verify_tokens, atol=atol, progress=progress,
-                               budget=budget, head_bits=int(head_bits))
+                               budget=budget, head_bits=int(head_bits), prefill_chunk=prefill_chunk)
     except (ExportError, ValueError, FileNotFoundError, OSError) as e:
         bar.close()
         raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None

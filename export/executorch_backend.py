@@ -22,9 +22,11 @@ def export_programs(core: ExportCore, progress: Callable[[str], None] | None = N
     hsz = core.parts.hidden_size
     progs: dict[str, ExportedProgram] = {}
     t_dim = Dim("T", min=1, max=core.max_seq_len)
+    chunk_dim = Dim("chunk", min=1, max=core.prefill_chunk)  # prompt tokens per prefill_i call
+    kv_dim = Dim("kv_len", min=1, max=core.max_seq_len)  # filled cache rows a layer attends: 0..last position
     example_t = min(4, core.max_seq_len)
     with torch.no_grad():
-        # prompt-length graphs: embed, route and prefill_i take [1, T, ...] (T = 1 for embed in decode)
+        # whole-prompt graphs: embed and route take [1, T, ...] (T = 1 for embed in decode)
         prompt_h = torch.zeros(1, example_t, hsz, dtype=torch.float32)
         if progress:
             progress("embed")
@@ -35,16 +37,20 @@ def export_programs(core: ExportCore, progress: Callable[[str], None] | None = N
         progs["route"] = torch.export.export(
             RouteMethod(core), (prompt_h, torch.zeros(1, dtype=torch.long), torch.full((n,), -1, dtype=torch.long)),
             dynamic_shapes=({1: t_dim}, None, None), strict=False)
+        # prefill_i: a chunk of c tokens after `start` earlier ones (example start > 0: nothing specializes on 0)
+        c = min(4, core.prefill_chunk)
+        start = min(2, core.max_seq_len - c)
+        chunk = (torch.zeros(1, c, hsz), torch.arange(start, start + c), torch.arange(start + c))
         for i in range(n):
             if progress:
                 progress(f"prefill_{i}")
-            progs[f"prefill_{i}"] = torch.export.export(PrefillLayerMethod(core, i), (prompt_h,),
-                                                        dynamic_shapes=({1: t_dim},), strict=False)
+            progs[f"prefill_{i}"] = torch.export.export(PrefillLayerMethod(core, i), chunk,
+                                                        dynamic_shapes=({1: chunk_dim}, {0: chunk_dim}, {0: kv_dim}),
+                                                        strict=False)
         h = torch.zeros(1, 1, hsz, dtype=torch.float32)
         example_pos = min(3, core.max_seq_len - 1)
         pos = torch.tensor([example_pos], dtype=torch.long)
         kv_positions = torch.arange(example_pos + 1, dtype=torch.long)
-        kv_dim = Dim("kv_len", min=1, max=core.max_seq_len)  # filled cache rows: 0..pos
         for i in range(n):
             if progress:
                 progress(f"layer_{i}")
@@ -60,6 +66,7 @@ def constant_methods(core: ExportCore, bos_id: int | None, eos_ids: list[int]) -
     """Metadata methods carried in the ``.pte``."""
     return {
         "get_max_seq_len": int(core.max_seq_len),
+        "get_prefill_chunk": int(core.prefill_chunk),
         "get_n_layers": int(core.n_layers),
         "get_vocab_size": int(core.parts.vocab_size),
         "get_bos_id": int(bos_id if bos_id is not None else -1),

@@ -7,7 +7,9 @@ program's methods (docs/bundle_format.md):
 * ``embed(tokens [1, T])``, ``head(hidden [1, 1, H])``;
 * ``route(hidden [1, T, H], layer [1], mask_override [L]) -> run [1]``: the routing rule for any layer, from the
   prompt's hidden state entering it (the routers' weights are stacked per layer);
-* ``prefill_i(hidden [1, T, H])``: layer ``i`` over the prompt, called only when ``route`` says it runs;
+* ``prefill_i(hidden [1, T, H], input_pos [T], kv_positions [S])``: layer ``i`` over a chunk of at most
+  ``prefill_chunk`` prompt tokens at ``input_pos``, attending the rows ``kv_positions`` (``0..input_pos[-1]``);
+  called, chunk after chunk, only when ``route`` says the layer runs;
 * ``layer_i(hidden [1, 1, H], input_pos, kv_positions)``: layer ``i`` for one decode token.
 
 The decoder layers are the Hugging Face modules themselves, called with
@@ -16,6 +18,10 @@ The decoder layers are the Hugging Face modules themselves, called with
   construction (a decode step looks its row up instead of recomputing cos/sin in every layer),
 * an explicit additive attention mask built from the positions (prefill; sliding-window layers in decode),
 * a duck-typed cache object whose ``update`` writes into the registered buffers.
+
+Prefill is chunked so that no graph is planned for a whole-context prompt: XNNPACK sizes (and touches) its
+workspace for a graph's largest shapes, and a prefill graph planned for ``T = max_seq_len`` held ~150 MB of
+attention scores for a one-token prompt (SmolLM2, 2,048 positions).
 
 A decode step reads only the filled part of the cache: ``layer_i`` takes ``kv_positions`` (``0..pos``, int64),
 whose *length* is the number of filled rows, and attends over ``cache[:, :, :len]`` instead of the whole
@@ -39,6 +45,7 @@ from firstkit.router import pool_prompt, router_logit
 from .attention import use_grouped_attention
 
 NEG_INF = torch.finfo(torch.float32).min
+DEFAULT_PREFILL_CHUNK = 128  # prompt tokens per prefill_i call (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -91,15 +98,12 @@ def model_parts(base: nn.Module) -> ModelParts:
 class _StaticCache:
     """Duck-typed HF cache: writes the new keys/values into registered buffers.
 
-    mode ``prefill``: positions ``0..T-1``; attention uses the fresh keys only.
-    mode ``decode``: one position ``input_pos``; attention sees the first ``kv_len`` rows (the filled ones),
+    The new rows are written at ``input_pos``, then attention sees the first ``kv_len`` rows (the filled ones),
     returned as ``[Hkv, kv_len, D]`` (see :func:`~firstkit.export.attention.grouped_attention`).
     """
 
-    def __init__(self, core: ExportCore, mode: str, input_pos: torch.Tensor | None = None,
-                 kv_len: int | torch.SymInt = 0) -> None:
+    def __init__(self, core: ExportCore, input_pos: torch.Tensor, kv_len: int | torch.SymInt) -> None:
         self.core = core
-        self.mode = mode
         self.input_pos = input_pos
         self.kv_len = kv_len
 
@@ -112,8 +116,6 @@ class _StaticCache:
         v_rows = value.view(value.shape[1:])
         kb.index_copy_(1, self.input_pos, k_rows)
         vb.index_copy_(1, self.input_pos, v_rows)
-        if self.mode == "prefill":
-            return key, value
         # the filled rows, [Hkv, n, D]: one copy of n rows per head (a 3-D buffer needs no batch select after)
         return kb[:, : self.kv_len], vb[:, : self.kv_len]
 
@@ -134,13 +136,14 @@ class ExportCore(nn.Module):
         protected: layer indices that always run.
         threshold: router threshold ``t``; a layer runs iff ``logit >= log(t / (1 - t))``.
         max_seq_len: static cache length.
+        prefill_chunk: most prompt tokens one ``prefill_i`` call takes (default ``min(128, max_seq_len)``).
         grouped_attention: switch ``base`` to :func:`~firstkit.export.attention.grouped_attention`
             (reads the KV cache without ``repeat_kv`` copies; same numbers as HF attention).
     """
 
     def __init__(self, base: nn.Module, routers: list[nn.Module] | None, protected: list[int],
                  threshold: float, max_seq_len: int, cache_dtype: torch.dtype = torch.float32,
-                 grouped_attention: bool = True) -> None:
+                 grouped_attention: bool = True, prefill_chunk: int | None = None) -> None:
         super().__init__()
         if grouped_attention:
             use_grouped_attention(base)
@@ -162,6 +165,9 @@ class ExportCore(nn.Module):
                 stacked = torch.stack([r.get_parameter(part).float() for r in self.router_list])
                 self.register_buffer(f"router_{name}", stacked, persistent=False)
         self.max_seq_len = int(max_seq_len)
+        self.prefill_chunk = min(int(prefill_chunk or DEFAULT_PREFILL_CHUNK), self.max_seq_len)
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         # one spare row: the filled prefix ``[:n]`` (n <= max_seq_len) is then never the whole buffer, which
         # torch.export would otherwise specialize on (the slice's contiguity differs at n == rows)
         shape = (self.parts.num_kv_heads, self.max_seq_len + 1, self.parts.head_dim)
@@ -267,11 +273,14 @@ class ExportCore(nn.Module):
         return cos, sin
 
     def layer_with_cache(self, i: int, h: torch.Tensor, input_pos: torch.Tensor, kv_positions: torch.Tensor,
-                         cache) -> torch.Tensor:
-        """Layer ``i`` for one token at ``input_pos`` attending the rows ``kv_positions`` (= ``0..pos``)."""
+                         cache, causal: bool = False) -> torch.Tensor:
+        """Layer ``i`` for the tokens at ``input_pos`` attending the rows ``kv_positions`` (= ``0..input_pos[-1]``).
+
+        ``causal``: several query tokens (a prefill chunk), each hides the keys after it.
+        """
         lt = self.parts.layer_types[i]
         rope = self.rope_at(input_pos, lt)
-        attn_mask = self._attn_mask(input_pos, kv_positions, lt, causal=False)
+        attn_mask = self._attn_mask(input_pos, kv_positions, lt, causal=causal)
         return self._call_layer(i, h, input_pos[None], attn_mask, cache, rope)
 
     # ---- methods ------------------------------------------------------------------------
@@ -279,23 +288,23 @@ class ExportCore(nn.Module):
         """tokens int64 [1, T] -> hidden [1, T, H] (T = 1 in decode)."""
         return self.parts.embed_tokens(tokens).float()
 
-    def prefill_layer(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        """Layer ``i`` over a whole prompt ``h [1, T, H]`` at positions ``0..T-1``; writes cache rows ``0..T-1``.
+    def prefill_layer(self, i: int, h: torch.Tensor, input_pos: torch.Tensor,
+                      kv_positions: torch.Tensor) -> torch.Tensor:
+        """Layer ``i`` over a prompt chunk ``h [1, T, H]`` at ``input_pos`` (int64 [T], consecutive); writes those
+        cache rows and attends, causally, the rows ``kv_positions`` (``0..input_pos[-1]``: earlier chunks + this one).
 
         Called only for the layers the prompt's routing runs: a skipped layer costs nothing in prefill either,
         and its cache rows are never written (nor read: the mask holds for the whole decode).
         """
-        lt = self.parts.layer_types[i]
-        pos = torch.arange(h.shape[1], dtype=torch.long, device=h.device)
-        cache = _StaticCache(self, "prefill", input_pos=pos)
-        return self._call_layer(i, h, pos[None], self._attn_mask(pos, pos, lt), cache, self.rope_at(pos, lt))
+        cache = _StaticCache(self, input_pos=input_pos, kv_len=kv_positions.shape[0])
+        return self.layer_with_cache(i, h, input_pos, kv_positions, cache, causal=True)
 
     def layer(self, i: int, h: torch.Tensor, input_pos: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
         """One decoder layer for one token at ``input_pos`` (int64 [1]); ``kv_positions`` = ``0..pos`` (int64).
 
         Only the ``len(kv_positions)`` filled cache rows are read (the length is a dynamic dimension).
         """
-        cache = _StaticCache(self, "decode", input_pos=input_pos, kv_len=kv_positions.shape[0])
+        cache = _StaticCache(self, input_pos=input_pos, kv_len=kv_positions.shape[0])
         return self.layer_with_cache(i, h, input_pos, kv_positions, cache)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -332,15 +341,15 @@ class RouteMethod(nn.Module):
 
 
 class PrefillLayerMethod(nn.Module):
-    """``prefill_i(hidden) -> hidden`` over the whole prompt."""
+    """``prefill_i(hidden, input_pos, kv_positions) -> hidden`` over one prompt chunk."""
 
     def __init__(self, core: ExportCore, index: int) -> None:
         super().__init__()
         self.core = core
         self.index = index
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.core.prefill_layer(self.index, h)
+    def forward(self, h: torch.Tensor, input_pos: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
+        return self.core.prefill_layer(self.index, h, input_pos, kv_positions)
 
 
 class LayerMethod(nn.Module):

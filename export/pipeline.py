@@ -98,7 +98,7 @@ def load_first_model(model: str, routers: str | None):
 
 
 def build_core(first_model, scheme: str, max_seq_len: int, group_size: int = 32,
-               head_bits: int = 8) -> tuple[ExportCore, dict]:
+               head_bits: int = 8, prefill_chunk: int | None = None) -> tuple[ExportCore, dict]:
     """Steps 2-3: quantize a private copy once, then one ExportCore instance for every method."""
     base = detached_base(first_model)
     qinfo = quantize(base, scheme, group_size, head_bits)
@@ -107,7 +107,8 @@ def build_core(first_model, scheme: str, max_seq_len: int, group_size: int = 32,
         import copy
 
         routers = [copy.deepcopy(r).float().eval() for r in first_model.routers.routers]
-    core = ExportCore(base, routers, first_model.protected_layers(), first_model.routing.threshold, max_seq_len)
+    core = ExportCore(base, routers, first_model.protected_layers(), first_model.routing.threshold, max_seq_len,
+                      prefill_chunk=prefill_chunk)
     return core.eval(), qinfo
 
 
@@ -133,7 +134,7 @@ def _versions() -> dict:
             "python": platform.python_version()}
 
 
-def _method_signatures(n: int, h: int, v: int, s: int) -> dict:
+def _method_signatures(n: int, h: int, v: int, s: int, chunk: int) -> dict:
     prompt_h = {"name": "hidden", "dtype": "float32", "shape": [1, "T", h], "T": [1, s]}
     sig = {
         "embed": {"inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, "T"], "T": [1, s]}],
@@ -146,9 +147,13 @@ def _method_signatures(n: int, h: int, v: int, s: int) -> dict:
                  "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, v]}]},
     }
     for i in range(n):
-        sig[f"prefill_{i}"] = {"inputs": [prompt_h],
+        sig[f"prefill_{i}"] = {"inputs": [{"name": "hidden", "dtype": "float32", "shape": [1, "T", h], "T": [1, chunk]},
+                                          {"name": "input_pos", "dtype": "int64", "shape": ["T"],
+                                           "values": "the chunk's positions, consecutive"},
+                                          {"name": "kv_positions", "dtype": "int64", "shape": ["S"],
+                                           "values": "0..input_pos[-1]; its length = cache rows attended"}],
                                "outputs": [{"name": "hidden", "dtype": "float32", "shape": [1, "T", h]}],
-                               "writes": "cache rows 0..T-1 of layer i"}
+                               "writes": "cache rows input_pos of layer i"}
     for i in range(n):
         sig[f"layer_{i}"] = {"inputs": [{"name": "hidden", "dtype": "float32", "shape": [1, 1, h]},
                                         {"name": "input_pos", "dtype": "int64", "shape": [1]},
@@ -211,6 +216,7 @@ def build_manifest(first_model, core: ExportCore, qinfo: dict, policy: str, rout
         "routing": routing,
         "mask_semantics": MASK_SEMANTICS,
         "max_seq_len": core.max_seq_len,
+        "prefill_chunk": core.prefill_chunk,
         "quantization": qinfo,
         "backends": {},
         "versions": _versions(),
@@ -238,7 +244,8 @@ def write_executorch(core: ExportCore, manifest: dict, out_dir: Path, quantized:
     manifest["backends"]["executorch"] = {
         "file": PTE_FILE,
         "delegate": "XNNPACK",
-        "methods": _method_signatures(m["num_layers"], m["hidden_size"], m["vocab_size"], manifest["max_seq_len"]),
+        "methods": _method_signatures(m["num_layers"], m["hidden_size"], m["vocab_size"], manifest["max_seq_len"],
+                                      core.prefill_chunk),
         "constant_methods": constant_methods(core, bos, m["eos_ids"]),
         "shared_mutable_buffers": [f"core.{k}_cache_{i}" for i in range(m["num_layers"]) for k in "kv"],
         "runtime_requirements": ["share memory arenas between methods (Python executorch.runtime does; C++ "
@@ -356,7 +363,7 @@ def _atomic_publish(tmp: Path, dest: Path) -> None:
 def export_bundle(model: str, routers: str | None, backend: str, scheme: str, max_seq_len: int, output: Path,
                   verify: bool = True, threads: int | None = None, verify_tokens: int = 8, atol: float = 1e-3,
                   progress: Callable[[str], None] | None = None, first_model=None,
-                  budget: float | None = None, head_bits: int = 8) -> ExportResult:
+                  budget: float | None = None, head_bits: int = 8, prefill_chunk: int | None = None) -> ExportResult:
     """Run every step; on any failure nothing is left at ``output``."""
     if backend not in BACKEND_CHOICES:
         raise ExportError(f"unknown backend {backend!r}; choose from {', '.join(BACKEND_CHOICES)}")
@@ -368,6 +375,8 @@ def export_bundle(model: str, routers: str | None, backend: str, scheme: str, ma
         raise ExportError(f"--head-bits {head_bits} applies to --quantize 8da4w only (got {scheme})")
     if max_seq_len < 2:
         raise ExportError("--max-seq-len must be >= 2")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ExportError("--prefill-chunk must be >= 1")
     output = Path(output)
     check_output(output)
     clean_stale_temps(output, progress)
@@ -386,7 +395,7 @@ def export_bundle(model: str, routers: str | None, backend: str, scheme: str, ma
     t = time.perf_counter()
     if progress:
         progress(f"quantize ({scheme})")
-    core, qinfo = build_core(first_model, scheme, max_seq_len, head_bits=head_bits)
+    core, qinfo = build_core(first_model, scheme, max_seq_len, head_bits=head_bits, prefill_chunk=prefill_chunk)
     timings["quantize_s"] = time.perf_counter() - t
     manifest = build_manifest(first_model, core, qinfo, policy, routers_path, model)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from test_export_support import TINY_MAX_SEQ, load_reference, tiny_bundle
+from test_export_support import TINY_MAX_SEQ, TINY_PREFILL_CHUNK, load_reference, tiny_bundle
 
 from firstkit.runtime import BundleError, load_bundle, read_manifest
 from firstkit.runtime.bundle import sha256_file
@@ -32,6 +32,7 @@ def test_cli_export_manifest_and_verification(arch):
     assert m["model"]["architecture"] == arch
     assert m["routing"]["policy"] == "routers"
     assert m["max_seq_len"] == TINY_MAX_SEQ
+    assert m["prefill_chunk"] == TINY_PREFILL_CHUNK
     n = m["model"]["num_layers"]
     assert set(m["backends"]["executorch"]["methods"]) == {"embed", "route", *(f"prefill_{i}" for i in range(n)),
                                                          *(f"layer_{i}" for i in range(n)), "head"}
@@ -47,6 +48,7 @@ def test_cli_export_manifest_and_verification(arch):
     runner = load_bundle(bundle)
     assert runner.backend.constant("get_n_layers") == n
     assert runner.backend.constant("get_max_seq_len") == TINY_MAX_SEQ
+    assert runner.backend.constant("get_prefill_chunk") == TINY_PREFILL_CHUNK
     assert runner.backend.constant("get_vocab_size") == m["model"]["vocab_size"]
     assert runner.backend.constant("get_bos_id") == 1
 

@@ -19,6 +19,8 @@ TINY_LAYERS = {"llama": 4, "gemma3_text": 2}
 #: protected layers per arch (saved in the router checkpoint's meta, which load_model honours)
 TINY_NEVER_SKIP = {"llama": [0, -1], "gemma3_text": [0]}
 TINY_MAX_SEQ = 24
+#: prompts longer than this are prefilled in chunks: prompt lengths 1..TINY_MAX_SEQ take 1 to 3 chunks
+TINY_PREFILL_CHUNK = 8
 _ROOT = Path(tempfile.mkdtemp(prefix="firstkit-export-tests-"))
 
 
@@ -83,7 +85,8 @@ def tiny_bundle(arch: str) -> tuple[Path, dict]:
     model_dir, router_dir = tiny_folders(arch)
     out = _ROOT / f"{arch}-bundle"
     res = CliRunner().invoke(main, ["--model", str(model_dir), "--routers", str(router_dir), "--max-seq-len",
-                                    str(TINY_MAX_SEQ), "--output", str(out), "--backend", "all", "--quantize", "none",
+                                    str(TINY_MAX_SEQ), "--prefill-chunk", str(TINY_PREFILL_CHUNK),
+                                    "--output", str(out), "--backend", "all", "--quantize", "none",
                                     "--json"])
     assert res.exit_code == 0, res.output
     return out, json.loads(res.stdout.strip().splitlines()[-1])
@@ -153,7 +156,8 @@ def test_8da4w_bundle_matches_eager_quantized_model():
     model_dir, router_dir = tiny_folders("llama")
     out = _ROOT / "llama-8da4w-bundle"
     res = CliRunner().invoke(main, ["--model", str(model_dir), "--routers", str(router_dir), "--max-seq-len",
-                                    str(TINY_MAX_SEQ), "--output", str(out), "--backend", "executorch",
+                                    str(TINY_MAX_SEQ), "--prefill-chunk", str(TINY_PREFILL_CHUNK),
+                                    "--output", str(out), "--backend", "executorch",
                                     "--quantize", "8da4w", "--json"])
     assert res.exit_code == 0, res.output
     js = json.loads(res.stdout.strip().splitlines()[-1])

@@ -4,7 +4,8 @@ Both expose the same calls (CONTRACTS.md):
 ``prefill(ids[1, T], override[L]) -> (logits[V], mask[L])``, ``embed(token) -> h``,
 ``layer(i, h, pos) -> h``, ``head(h) -> logits[V]``. ``decode_step`` strings them together: the one decode
 loop of the Python side (the verifier and the bench's reference runs call it too). The ExecuTorch prefill runs
-the program's ``route`` method before each layer and that layer's ``prefill_i`` only if it runs.
+the program's ``route`` method before each layer and that layer's ``prefill_i`` only if it runs, over the prompt
+in chunks of at most ``get_prefill_chunk`` tokens.
 """
 
 from __future__ import annotations
@@ -46,9 +47,11 @@ class ExecuTorchBackend:
             self.positions = torch.arange(self.constant("get_max_seq_len"), dtype=torch.long)
             names = set(self.program.method_names)
             wanted = executorch_methods(n_layers)
-            missing = [m for m in wanted if m not in names]
+            missing = [m for m in wanted + ["get_prefill_chunk"] if m not in names]
             if missing:
-                raise BundleError(f"{pte_path}: program lacks methods {', '.join(missing[:5])}")
+                raise BundleError(f"{pte_path}: program lacks methods {', '.join(missing[:5])} "
+                                  "(a bundle from an older firstkit? export it again)")
+            self.prefill_chunk = self.constant("get_prefill_chunk")
             self.methods = {m: self.program.load_method(m) for m in wanted}
             self._layers = [self.methods[f"layer_{i}"] for i in range(n_layers)]
             self._prefill_layers = [self.methods[f"prefill_{i}"] for i in range(n_layers)]
@@ -63,15 +66,23 @@ class ExecuTorchBackend:
         return [int(x) for x in out] if len(out) > 1 else int(out[0])
 
     def prefill(self, ids: torch.Tensor, override: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """Route, then run, layer by layer: a skipped layer's ``prefill_i`` is never called."""
+        """Route, then run, layer by layer: a skipped layer's ``prefill_i`` is never called.
+
+        A running layer takes the prompt chunk by chunk; chunk ``[a, b)`` attends the cache rows ``0..b-1``
+        (the earlier chunks' rows of that layer are already written).
+        """
         h = self.methods["embed"].execute([ids])[0]
+        t = h.shape[1]
+        chunks = [(a, min(a + self.prefill_chunk, t)) for a in range(0, t, self.prefill_chunk)]
         route = self.methods["route"]
         mask = []
         for i, layer in enumerate(self._prefill_layers):
             run = int(route.execute([h, torch.tensor([i], dtype=torch.long), override])[0].reshape(-1)[0])
             mask.append(run)
             if run:
-                h = layer.execute([h])[0]
+                outs = [layer.execute([h[:, a:b].contiguous(), self.positions[a:b], self.positions[:b]])[0]
+                        for a, b in chunks]
+                h = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return self.head(h[:, -1:, :].contiguous()), mask
 
     def embed(self, token: torch.Tensor) -> torch.Tensor:

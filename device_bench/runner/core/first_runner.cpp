@@ -297,8 +297,14 @@ class RunnerImpl final : public Runner {
     const auto& have = names.get();
     for (const char* m : {"embed", "route", "head", "get_n_layers", "get_max_seq_len"})
       if (!have.count(m)) throw RunnerError(std::string("program lacks method '") + m + "' (not a firstkit bundle?)");
+    if (!have.count("get_prefill_chunk"))
+      throw RunnerError("program lacks method 'get_prefill_chunk' (a bundle from an older firstkit? export it again)");
     info_.num_layers = const_int("get_n_layers");
     info_.max_seq_len = const_int("get_max_seq_len");
+    prefill_chunk_ = const_int("get_prefill_chunk");
+    positions_.resize(size_t(std::max<int64_t>(info_.max_seq_len, 0)));
+    for (size_t i = 0; i < positions_.size(); ++i) positions_[i] = int64_t(i);
+    if (prefill_chunk_ < 1) throw RunnerError("bad prefill chunk in program");
     info_.vocab_size = have.count("get_vocab_size") ? const_int("get_vocab_size") : -1;
     info_.bos_id = have.count("get_bos_id") ? const_int("get_bos_id") : -1;
     if (have.count("get_eos_ids")) {
@@ -411,7 +417,8 @@ class RunnerImpl final : public Runner {
 
     auto t0 = clock::now();
     // Prefill, layer by layer: `route` applies the routing rule (inside the program) to the prompt's hidden
-    // state entering layer i; `prefill_i` runs only if it says so and writes that layer's cache rows 0..T-1.
+    // state entering layer i; `prefill_i` runs only if it says so, over the prompt in chunks of at most
+    // prefill_chunk_ tokens: chunk [a, b) writes that layer's cache rows a..b-1 and attends rows 0..b-1.
     // A skipped layer costs nothing here, and the decode below never calls it either.
     std::vector<float> prompt_h;
     auto er0 = exec("embed", {EValue(*tok_t)});
@@ -435,9 +442,20 @@ class RunnerImpl final : public Runner {
       if (!run) continue;
       running.push_back(i);
       const std::string name = "prefill_" + std::to_string(i);
-      auto pr = exec(name, {EValue(*prompt_t)});
-      if (!pr.ok()) throw RunnerError(name + " failed: " + err_text(pr.error()));
-      copy_float(pr.get().at(0).toTensor(), prompt_h);  // same size: prompt_t still points at it
+      for (int64_t a = 0; a < T; a += prefill_chunk_) {
+        const int64_t n = std::min(prefill_chunk_, T - a);
+        auto chunk_t = et::extension::from_blob(prompt_h.data() + a * H, {1, static_cast<int>(n), static_cast<int>(H)},
+                                                ScalarType::Float);
+        auto pos_t = et::extension::from_blob(&positions_[size_t(a)], {static_cast<int>(n)}, ScalarType::Long);
+        auto kv_t = et::extension::from_blob(positions_.data(), {static_cast<int>(a + n)}, ScalarType::Long);
+        auto pr = exec(name, {EValue(*chunk_t), EValue(*pos_t), EValue(*kv_t)});
+        if (!pr.ok()) throw RunnerError(name + " failed: " + err_text(pr.error()));
+        const auto& out = pr.get().at(0).toTensor();
+        if (out.scalar_type() != ScalarType::Float || out.numel() != n * H)
+          throw RunnerError(name + " returned an unexpected hidden state");
+        // this chunk's rows only: the later chunks' inputs are still the layer's input
+        std::copy(out.const_data_ptr<float>(), out.const_data_ptr<float>() + n * H, prompt_h.begin() + a * H);
+      }
     }
     std::vector<float> last(prompt_h.end() - H, prompt_h.end());  // the last prompt position's hidden state
     auto last_t = et::extension::from_blob(last.data(), {1, 1, static_cast<int>(H)}, ScalarType::Float);
@@ -457,17 +475,15 @@ class RunnerImpl final : public Runner {
     std::vector<float> hidden;
     int64_t token_in = 0;
     auto token_t = et::extension::from_blob(&token_in, {1, 1}, ScalarType::Long);
-    // layer_i(hidden, input_pos, kv_positions): kv_positions = 0..pos, a prefix of this table whose length
+    // layer_i(hidden, input_pos, kv_positions): kv_positions = 0..pos, a prefix of positions_ whose length
     // is the number of filled cache rows (the layer reads only those); input_pos = its last element
-    std::vector<int64_t> positions(size_t(info_.max_seq_len));
-    for (size_t i = 0; i < positions.size(); ++i) positions[i] = int64_t(i);
     et::extension::TensorPtr hidden_t;
 
     while (go && static_cast<int>(res.tokens.size()) < g.max_new_tokens && !(g.stop_at_eos && eos.count(next))) {
       auto s0 = clock::now();
       token_in = next;
-      auto pos_t = et::extension::from_blob(&positions[size_t(pos)], {1}, ScalarType::Long);
-      auto kv_t = et::extension::from_blob(positions.data(), {static_cast<int>(pos + 1)}, ScalarType::Long);
+      auto pos_t = et::extension::from_blob(&positions_[size_t(pos)], {1}, ScalarType::Long);
+      auto kv_t = et::extension::from_blob(positions_.data(), {static_cast<int>(pos + 1)}, ScalarType::Long);
       auto er = exec("embed", {EValue(*token_t)});
       if (!er.ok()) throw RunnerError("embed failed: " + err_text(er.error()));
       copy_float(er.get().at(0).toTensor(), hidden);  // outputs may alias shared arenas: copy now
@@ -552,6 +568,8 @@ class RunnerImpl final : public Runner {
   std::unordered_map<std::string, std::string> event_names_;
   std::vector<int64_t> protected_;  // routing.protected_layers from the manifest  // stable storage for ETDump event names
   int threads_ = 0;
+  int64_t prefill_chunk_ = 0;     // get_prefill_chunk: most prompt tokens per prefill_i call
+  std::vector<int64_t> positions_;  // 0..max_seq_len-1: position inputs are views of it
 };
 
 }  // namespace
