@@ -54,12 +54,12 @@ def profile_ours(bundle: Path, ids: list[int], steps: int, mask: str) -> tuple[d
     import executorch.kernels.quantized  # noqa: F401
     import torch
 
+    from firstkit.mask_spec import parse_mask_spec
     from firstkit.runtime.backends import ExecuTorchBackend
-    from firstkit.runtime.runner import parse_mask
 
     backend = ExecuTorchBackend(bundle / "model.pte", etdump=True)
     prog, methods, n, positions = backend.program, backend.methods, backend.n_layers, backend.positions
-    override = torch.tensor(parse_mask(mask, n, []), dtype=torch.long)
+    override = torch.tensor(parse_mask_spec(mask, n), dtype=torch.long)
     logits, bits = backend.prefill(torch.tensor([ids]), override)
     active = [i for i, b in enumerate(bits) if b]
     tok = int(logits.reshape(-1).argmax())

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from firstkit.hashing import sha256_file
+from firstkit.mask_spec import parse_mask_spec
 from firstkit.runtime.bundle import (
     MANIFEST,
     TOKENIZER_DIR,
@@ -605,15 +606,12 @@ class References:
 
 
 def check_masks(masks: list[str], n_layers: int, protected: list[int]) -> None:
-    """BITS masks must have one bit per layer and keep protected layers running."""
+    """Every mask spec must be valid for this bundle (one bit per layer, protected layers running)."""
     for m in masks:
-        if m in ("auto", "all"):
-            continue
-        if len(m) != n_layers:
-            raise BenchError(f"mask {m} has {len(m)} bits, the model has {n_layers} layers")
-        for i in protected:
-            if m[i % n_layers] == "0":
-                raise BenchError(f"mask {m} skips protected layer {i % n_layers} (protected: {protected})")
+        try:
+            parse_mask_spec(m, n_layers, protected)
+        except ValueError as e:
+            raise BenchError(f"--masks {m}: {e}") from None
 
 
 def check_prompt_fits(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> None:
@@ -635,11 +633,8 @@ def remaining_runs(s: Settings, rec0: dict, done: dict, rep: TargetReport,
 
 
 def mask_override(spec: str, n_layers: int) -> list[int] | None:
-    if spec == "auto":
-        return None
-    if spec == "all":
-        return [1] * n_layers
-    return [int(c) for c in spec]
+    """Override vector of a mask spec for a reference run; ``None`` for ``auto`` (the routers decide)."""
+    return None if spec == "auto" else parse_mask_spec(spec, n_layers)
 
 
 def bench_target(target: Target, bundle: Bundle, s: Settings, store: ResultStore, refs: References | None,

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import click
 
+from firstkit.mask_spec import MASK_SPEC_HELP, is_mask_spec
+
 from .adb import Adb, AdbError
 from .app_target import APP_TARGET, PACKAGE, AppTarget, bench_app
 from .bench import (
@@ -165,8 +167,8 @@ def main(bundle: str, devices: tuple[str, ...], all_devices: bool, local: bool, 
             raise click.BadParameter(str(e).removeprefix("--prompt "), param_hint="--prompt") from None
     mask_list = _csv(masks)
     for m in mask_list:
-        if m not in ("auto", "all") and (not m or set(m) - {"0", "1"}):
-            raise click.BadParameter(f"{m!r}: use auto, all or a string of 0/1", param_hint="--masks")
+        if not is_mask_spec(m):
+            raise click.BadParameter(f"{m!r}: use {MASK_SPEC_HELP}", param_hint="--masks")
     added_all = "all" not in mask_list
     if added_all:
         mask_list.insert(0, "all")  # the speedup baseline

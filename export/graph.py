@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from firstkit.router import pool_prompt, router_logit
+from firstkit.router import pool_prompt, router_logit, routing_rule
 
 from .attention import use_grouped_attention
 
@@ -228,16 +228,8 @@ class ExportCore(nn.Module):
         return logits.float()
 
     def _rule(self, logit: torch.Tensor | None, protected: torch.Tensor, override: torch.Tensor) -> torch.Tensor:
-        """The routing rule (CONTRACTS.md): an override (0/1) wins, else run iff logit >= threshold or protected.
-
-        Bool, same shape as ``override``; ``logit`` is ``None`` without routers (every layer runs).
-        """
-        if logit is None:
-            run = torch.ones_like(override, dtype=torch.bool)
-        else:
-            run = (logit >= self.threshold_logit) | protected
-        # int64 select (onnxruntime has no bool Where kernel)
-        return torch.where(override >= 0, (override > 0).to(torch.long), run.to(torch.long)) > 0
+        """:func:`firstkit.router.routing_rule` at this export's threshold (bool, shaped like ``override``)."""
+        return routing_rule(logit, self.threshold_logit, protected, override)
 
     def decide(self, i: int, h: torch.Tensor, mask_override: torch.Tensor) -> torch.Tensor:
         """Bool scalar: does layer ``i`` run, given the hidden state entering it."""

@@ -28,7 +28,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from firstkit.architectures import ArchitectureAdapter, adapter_for
 from firstkit.models import ModelInfo, model_sha256, resolve_model
-from firstkit.router import RouterStack, threshold_logit
+from firstkit.router import RouterStack, routing_rule, threshold_logit
 
 MaskLike = Sequence[bool] | Sequence[int] | str | torch.Tensor
 
@@ -219,7 +219,7 @@ class FirstModel(nn.Module):
             t = t.bool()
         for i in self.protected_layers():
             if not bool(t[:, i].all()):
-                raise ValueError(f"mask skips protected layer {i} (never_skip={list(self.routing.never_skip)})")
+                raise ValueError(f"mask skips protected layer {i} (protected: {self.protected_layers()})")
         return t.contiguous()
 
     def decide_mask(self, input_ids, attention_mask: torch.Tensor | None = None):
@@ -285,20 +285,18 @@ class FirstModel(nn.Module):
     def _router_prob_and_run(self, index: int, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         state = self._routing
         batch = hidden.shape[0]
+        logit = prob = None
         if self.routers is not None:
             logit = self.routers.logit(index, hidden, state.prompt_mask)
-            run = logit >= threshold_logit(self.routing.threshold)
             prob = torch.sigmoid(logit)
-        else:
-            run = torch.ones(batch, dtype=torch.bool, device=hidden.device)
-            prob = None
-        if index in self.protected_layers():
-            run = torch.ones_like(run)
+        protected = self.protected_layers()
         if state.override is not None:
             forced = state.override[:, index] if state.override.dim() == 2 else state.override[index].expand(batch)
-            if index in self.protected_layers() and bool((forced == 0).any()):
-                raise ValueError(f"override skips protected layer {index}")
-            run = torch.where(forced >= 0, forced == 1, run)
+            if index in protected and bool((forced == 0).any()):
+                raise ValueError(f"mask skips protected layer {index} (protected: {protected})")
+        else:
+            forced = torch.full((batch,), -1, dtype=torch.long, device=hidden.device)
+        run = routing_rule(logit, threshold_logit(self.routing.threshold), index in protected, forced.long())
         return prob, run
 
     def _decide(self, index: int, hidden: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,23 @@ def router_logit(pooled: torch.Tensor, proj_weight: torch.Tensor, proj_bias: tor
     return F.linear(F.silu(F.linear(pooled, proj_weight, proj_bias)), out_weight, out_bias).squeeze(-1)
 
 
+def routing_rule(logit: torch.Tensor | None, threshold_logit: float, protected: torch.Tensor | bool,
+                 override: torch.Tensor) -> torch.Tensor:
+    """The routing rule (docs/CONTRACTS.md), the one owner: eager ``FirstModel`` and every exported graph call it.
+
+    An override (``0``/``1``) wins; otherwise the layer runs iff ``logit >= threshold_logit`` or it is
+    protected; ``logit`` ``None`` (no routers): it runs. Returns bool, shaped like ``override`` (int, ``-1`` =
+    the routers decide). Overrides that skip a protected layer are refused before this, where the mask spec
+    is read (:func:`firstkit.mask_spec.check_protected`): a traced graph cannot raise.
+    """
+    if logit is None:
+        run = torch.ones_like(override, dtype=torch.bool)
+    else:
+        run = (logit >= threshold_logit) | torch.as_tensor(protected, device=logit.device)
+    # an int64 select (onnxruntime has no bool Where kernel)
+    return torch.where(override >= 0, (override > 0).to(torch.long), run.to(torch.long)) > 0
+
+
 class LayerRouter(nn.Module):
     """Pooled prompt state -> one logit: run the layer (>= threshold) or skip it."""
 

@@ -449,7 +449,8 @@ class BundleLM(FirstLM):
             kwargs.pop(k, None)
         if kwargs:
             raise ValueError(f"model_args not available with bundle=: {', '.join(sorted(kwargs))}")
-        from firstkit.runtime.runner import load_bundle, parse_mask
+        from firstkit.mask_spec import parse_mask_spec
+        from firstkit.runtime.runner import load_bundle
 
         self.runner = load_bundle(bundle, backend=backend, threads=threads)
         if self.runner.tokenizer is None:
@@ -457,9 +458,7 @@ class BundleLM(FirstLM):
         self.model = None  # no eager model: everything runs in the bundle
         self.tokenizer = self.runner.tokenizer
         self.mask_name = str(mask)
-        if self.mask_name not in ("auto", "all") and not set(self.mask_name) <= {"0", "1"}:
-            raise ValueError(f"with bundle= mask must be auto, all or 0/1 bits, got {self.mask_name!r}")
-        parse_mask(self.mask_name, self.runner.n_layers, self.runner.protected)  # fails early on bad bits
+        parse_mask_spec(self.mask_name, self.runner.n_layers, self.runner.protected)  # fails early on bad specs
         self.skip = None
         self.fixed = None
         self.progress = bool(progress)

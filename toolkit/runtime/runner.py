@@ -9,36 +9,11 @@ from pathlib import Path
 
 import torch
 
+from firstkit.mask_spec import parse_mask_spec as parse_mask  # re-exported: firstkit.runtime.parse_mask
+
 from .backends import ExecuTorchBackend, OnnxBackend
 from .bundle import BACKENDS, PTE_FILE, BundleError, manifest_sha256, one_line, read_manifest
 from .bundle import load_tokenizer as read_tokenizer
-
-
-def parse_mask(mask: str | Sequence[int] | Sequence[bool] | None, n_layers: int,
-               protected: Sequence[int]) -> list[int]:
-    """Mask argument -> override vector (-1 = router decides, 0 = skip, 1 = run).
-
-    ``None``/``"auto"``: the routers decide; ``"all"``: every layer runs; a ``"0101"`` string or a
-    sequence of 0/1: exactly that mask (protected layers must run).
-    """
-    if mask is None or (isinstance(mask, str) and mask == "auto"):
-        return [-1] * n_layers
-    if isinstance(mask, str) and mask == "all":
-        return [1] * n_layers
-    if isinstance(mask, str):
-        if not mask or set(mask) - {"0", "1"}:
-            raise ValueError(f"mask must be 'auto', 'all' or a string of 0/1 characters, got {mask!r}")
-        bits = [int(c) for c in mask]
-    else:
-        bits = [int(b) for b in mask]
-        if any(b not in (0, 1) for b in bits):
-            raise ValueError("mask entries must be 0 or 1")
-    if len(bits) != n_layers:
-        raise ValueError(f"mask has {len(bits)} entries, the model has {n_layers} layers")
-    for i in protected:
-        if bits[i] == 0:
-            raise ValueError(f"mask skips protected layer {i} (protected: {list(protected)})")
-    return bits
 
 
 def check_text(text: str, what: str = "text") -> None:
