@@ -112,17 +112,11 @@ def quantize_int4(path: Path, block_size: int = 32) -> None:
     onnx.save_model(q.model.model, str(path))
 
 
-def write_onnx(first_model, core: ExportCore, out_dir: Path, scheme: str,
-               progress: Callable[[str], None] | None = None) -> dict:
-    """Export both ONNX models of ``core`` into ``out_dir/onnx``; returns the manifest entry.
-
-    ONNX always exports the float graph (torchao tensor subclasses do not export to ONNX);
-    ``scheme == "8da4w"`` maps to int4 MatMulNBits weight quantization applied to the ONNX files.
+def write_onnx(core: ExportCore, out_dir: Path, scheme: str, progress: Callable[[str], None] | None = None) -> dict:
+    """Export both ONNX models of ``core`` (a float core: torchao tensor subclasses do not export to ONNX) into
+    ``out_dir/onnx``; returns the manifest entry. ``scheme == "8da4w"`` maps to int4 MatMulNBits weight
+    quantization applied to the ONNX files.
     """
-    if scheme != "none":
-        from .pipeline import build_core
-
-        core, _ = build_core(first_model, "none", core.max_seq_len)
     n, s = core.n_layers, core.max_seq_len
     hkv, d = core.parts.num_kv_heads, core.parts.head_dim
     pin, pout, din, dout = _io_names(n)

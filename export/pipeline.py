@@ -409,7 +409,10 @@ def export_bundle(model: str, routers: str | None, backend: str, scheme: str, ma
             from .onnx_backend import write_onnx
 
             t = time.perf_counter()
-            manifest["backends"]["onnx"] = write_onnx(first_model, core, tmp, scheme, progress)
+            # ONNX exports the float graph (quantized by onnxruntime afterwards), not the torchao-quantized one
+            onnx_core = core if scheme == "none" else build_core(first_model, "none", max_seq_len,
+                                                                 prefill_chunk=prefill_chunk)[0]
+            manifest["backends"]["onnx"] = write_onnx(onnx_core, tmp, scheme, progress)
             timings["onnx_export_s"] = time.perf_counter() - t
         if first_model.tokenizer is not None:
             first_model.tokenizer.save_pretrained(str(tmp / "tokenizer"))

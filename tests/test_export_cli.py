@@ -67,3 +67,18 @@ def test_summary_table_reports_files_verification_and_time():
     assert table.count("PASS") == 2 and "executorch" in table and "onnx" in table
     assert "mask policy: routers from" in table
     assert "executorch_lower" in table and "onnx_export" in table
+
+
+def test_onnx_int4_export_runs(tmp_path):
+    """--backend onnx --quantize 8da4w: a float core exported to ONNX, then int4 MatMulNBits; it loads and runs."""
+    from firstkit.runtime import load_bundle
+
+    model_dir, router_dir = tiny_folders("llama")
+    out = tmp_path / "b"
+    res = _invoke(["--model", model_dir, "--routers", router_dir, "--backend", "onnx", "--quantize", "8da4w",
+                   "--max-seq-len", 16, "--verify-tokens", 2, "--output", out, "--json"])
+    assert res.exit_code == 0, res.output
+    m = read_manifest(out)
+    assert m["backends"]["onnx"]["quantization"]["scheme"] == "int4-matmulnbits"
+    r = load_bundle(out, backend="onnx").generate([5, 9, 13], max_new_tokens=3, mask="all", stop_at_eos=False)
+    assert len(r["tokens"]) == 3 and r["mask"] == "1111"
