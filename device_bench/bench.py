@@ -563,11 +563,8 @@ def _describe_failure(o: RunOutcome, timeout: float) -> str:
 
 
 class References:
-    """Host-side reference tokens, computed once per (prompt, length, mask).
-
-    The reference is ``first-run``'s runtime (``firstkit.runtime.BundleRunner``, ExecuTorch backend)
-    on the same bundle; where that package is not installed, ExecuTorch's Python runtime directly.
-    """
+    """Host-side reference tokens, computed once per (prompt, length, mask): ``first-run``'s runtime
+    (``firstkit.runtime.BundleRunner``, ExecuTorch backend) on the same bundle."""
 
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
@@ -585,19 +582,11 @@ class References:
                 return None
             try:
                 if self._ref is None:
-                    try:
-                        from firstkit.runtime import load_bundle as _load_runtime
+                    from firstkit.runtime import load_bundle
 
-                        self._ref = _load_runtime(self.bundle.path, backend="executorch")
-                    except Exception:  # noqa: BLE001 - not installed, or a bundle it refuses (older manifest)
-                        from .testing.pyref import PythonReference
-
-                        self._ref = PythonReference(self.bundle.path, self.bundle.pte)
-                if hasattr(self._ref, "generate") and hasattr(self._ref, "manifest"):
-                    mask = "auto" if override is None else "".join(map(str, override))
-                    toks = self._ref.generate(prompt, max_new, mask=mask, stop_at_eos=False)["tokens"]
-                else:
-                    toks, _ = self._ref.generate(prompt, max_new, override, stop_at_eos=False)
+                    self._ref = load_bundle(self.bundle.path, backend="executorch")
+                mask = "auto" if override is None else "".join(map(str, override))
+                toks = self._ref.generate(prompt, max_new, mask=mask, stop_at_eos=False)["tokens"]
             except Exception as e:  # noqa: BLE001 - reported, not fatal: tokens_match becomes null
                 self.error = f"reference run failed: {e}"
                 return None
