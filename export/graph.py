@@ -33,8 +33,9 @@ Routing semantics follow docs/CONTRACTS.md exactly.
 
 from __future__ import annotations
 
-import inspect
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,7 @@ class ModelParts:
     layers: nn.ModuleList
     norm: nn.Module
     lm_head: nn.Module
-    rotary_emb: nn.Module
+    rotary: Callable[[torch.Tensor, torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]]
     layer_types: tuple[str, ...]
     sliding_window: int | None
     final_logit_softcapping: float | None
@@ -67,27 +68,27 @@ class ModelParts:
 
 
 def model_parts(base: nn.Module) -> ModelParts:
-    """Locate embeddings, decoder layers, final norm, head and rotary module through the core adapter.
+    """Embeddings, decoder layers, final norm, head, rotary and the architecture's quirks, all from its adapter.
 
     Decoder layers wrapped by ``FirstModel`` (``RoutedDecoderLayer``) are unwrapped: export calls the
     original Hugging Face layers and does the routing itself.
     """
     from firstkit.architectures import adapter_for
+    from firstkit.routed_model import RoutedDecoderLayer
 
     cfg = base.config
     adapter = adapter_for(cfg)
-    layers = [getattr(m, "layer", m) if type(m).__name__ == "RoutedDecoderLayer" else m
-              for m in adapter.layers(base)]
+    layers = [m.layer if isinstance(m, RoutedDecoderLayer) else m for m in adapter.layers(base)]
     n = len(layers)
     return ModelParts(
         embed_tokens=adapter.embed_tokens(base),
         layers=nn.ModuleList(layers),
         norm=adapter.final_norm(base),
         lm_head=adapter.lm_head(base),
-        rotary_emb=adapter.decoder(base).rotary_emb,
+        rotary=functools.partial(adapter.rotary, base),
         layer_types=tuple(adapter.layer_type(cfg, i) for i in range(n)),
-        sliding_window=getattr(cfg, "sliding_window", None),
-        final_logit_softcapping=getattr(cfg, "final_logit_softcapping", None),
+        sliding_window=adapter.sliding_window(cfg),
+        final_logit_softcapping=adapter.final_logit_softcap(cfg),
         num_kv_heads=int(adapter.num_kv_heads(cfg)),
         head_dim=int(adapter.head_dim(cfg)),
         hidden_size=int(cfg.hidden_size),
@@ -118,13 +119,6 @@ class _StaticCache:
         vb.index_copy_(1, self.input_pos, v_rows)
         # the filled rows, [Hkv, n, D]: one copy of n rows per head (a 3-D buffer needs no batch select after)
         return kb[:, : self.kv_len], vb[:, : self.kv_len]
-
-
-def _rotary_takes_layer_type(rotary: nn.Module) -> bool:
-    try:
-        return "layer_type" in inspect.signature(rotary.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class ExportCore(nn.Module):
@@ -174,22 +168,16 @@ class ExportCore(nn.Module):
         for i in range(self.n_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=cache_dtype), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=cache_dtype), persistent=False)
-        self._rotary_layer_type = _rotary_takes_layer_type(self.parts.rotary_emb)
         # cos/sin for every cache position, per layer type: a decode step looks its row up (one index_select)
         positions = torch.arange(self.max_seq_len, dtype=torch.long)[None]
         probe = torch.zeros(1, 1, self.parts.hidden_size)
         with torch.no_grad():
             for lt in sorted(set(self.parts.layer_types)):
-                cos, sin = self._rotary(probe, positions, lt)
+                cos, sin = self.parts.rotary(probe, positions, lt)
                 self.register_buffer(f"rope_cos_{lt}", cos[0].float().contiguous(), persistent=False)
                 self.register_buffer(f"rope_sin_{lt}", sin[0].float().contiguous(), persistent=False)
 
     # ---- pieces -------------------------------------------------------------------------
-    def _rotary(self, h: torch.Tensor, position_ids: torch.Tensor, layer_type: str):
-        if self._rotary_layer_type:
-            return self.parts.rotary_emb(h, position_ids, layer_type)
-        return self.parts.rotary_emb(h, position_ids)
-
     def _attn_mask(self, q_pos: torch.Tensor, kv_pos: torch.Tensor, layer_type: str,
                    causal: bool = True) -> torch.Tensor | None:
         """Additive mask ``[1, 1, Tq, Tkv]`` from query and key positions (int64), or ``None`` if all is visible.

@@ -58,6 +58,14 @@ class ArchitectureAdapter:
             return rotary(hidden, position_ids, layer_type)
         return rotary(hidden, position_ids)
 
+    def sliding_window(self, config: PretrainedConfig) -> int | None:
+        """Keys a ``sliding_attention`` layer sees (the query's own included); ``None`` without sliding layers."""
+        return getattr(config, "sliding_window", None)
+
+    def final_logit_softcap(self, config: PretrainedConfig) -> float | None:
+        """``c`` of the final logit soft-capping ``tanh(logits / c) * c`` (Gemma), ``None`` without."""
+        return getattr(config, "final_logit_softcapping", None)
+
     def head_dim(self, config: PretrainedConfig) -> int:
         return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
