@@ -173,6 +173,29 @@ def _eos_bos(first_model) -> tuple[int | None, list[int]]:
     return (int(bos) if bos is not None else None), eos
 
 
+def render_chat_template(tokenizer) -> dict | None:
+    """The model's chat template rendered around one user turn: ``{"prefix", "suffix"}`` (``text = prefix + user +
+    suffix``, with the generation prompt), so no runtime needs a template engine or pattern-matches templates.
+
+    ``None`` when the tokenizer has no template; an error when the rendering depends on the message beyond
+    inserting it (then fixed text around a turn cannot reproduce it).
+    """
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return None
+    parts = []
+    for marker in ("\x00FIRSTKIT_USER_MESSAGE\x00", "\x00another user message, longer\x00"):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                             add_generation_prompt=True)
+        if text.count(marker) != 1:
+            raise ExportError("the tokenizer's chat template does not insert the user message verbatim once; "
+                              "it cannot be rendered for the device runtimes")
+        parts.append(tuple(text.split(marker)))
+    if parts[0] != parts[1]:
+        raise ExportError("the tokenizer's chat template renders differently for different messages; "
+                          "it cannot be rendered as fixed text for the device runtimes")
+    return {"prefix": parts[0][0], "suffix": parts[0][1]}
+
+
 def build_manifest(first_model, core: ExportCore, qinfo: dict, policy: str, routers_path: str | None,
                    model_name: str) -> dict:
     """Manifest without ``files``/``backends`` (filled in when the artifacts exist)."""
@@ -217,6 +240,7 @@ def build_manifest(first_model, core: ExportCore, qinfo: dict, policy: str, rout
         "mask_semantics": MASK_SEMANTICS,
         "max_seq_len": core.max_seq_len,
         "prefill_chunk": core.prefill_chunk,
+        "chat_template": render_chat_template(first_model.tokenizer),
         "quantization": qinfo,
         "backends": {},
         "versions": _versions(),

@@ -63,16 +63,17 @@ class BundleRunner:
 
     # ------------------------------------------------------------------ tokens
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
-        """Prompt text -> ids (as a user turn through the chat template when the tokenizer has one)."""
+        """Prompt text -> ids; ``chat``: as a user turn, in the chat template the export rendered into the
+        manifest (``chat_template``: prefix + prompt + suffix), when the model has one."""
         if self.tokenizer is None:
             raise BundleError(f"{self.path}: bundle has no tokenizer; pass token ids")
         if not prompt:
             raise ValueError("empty prompt")
         check_text(prompt, "prompt")
         try:
-            if chat and getattr(self.tokenizer, "chat_template", None):
-                text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                          add_generation_prompt=True)
+            template = self.manifest.get("chat_template")
+            if chat and template:
+                text = template["prefix"] + prompt + template["suffix"]
                 ids = list(self.tokenizer(text, add_special_tokens=False).input_ids)
             else:
                 ids = list(self.tokenizer(prompt).input_ids)
