@@ -7,8 +7,9 @@ import copy
 import torch
 from torch import nn
 
-#: ``8da4w``: smallest (about 18 % of the fp32 .pte for SmolLM2-135M), 4-bit decoder weights with HQQ scales;
-#: ``8da8w``: about 25 % of fp32, perplexity within a few % of fp32. Measured costs: docs/results_export.md.
+#: ``8da4w``: smallest (about 18 % of the fp32 .pte for SmolLM2-135M), 4-bit decoder weights with HQQ scales,
+#: WikiText-2 perplexity +32 % vs fp32 on SmolLM2-135M with the 8-bit head (+53 % with a 4-bit head);
+#: ``8da8w``: about 25 % of fp32, perplexity +1.3 %. Measured: docs/results_export.md (session 4 table).
 SCHEMES = ("none", "8da4w", "8da8w")
 #: LM-head weight precision for ``8da4w``: 8 (default, quality) or 4 (as the stock ExecuTorch recipe).
 HEAD_BITS = (4, 8)
@@ -93,7 +94,8 @@ def quantize_dynamic(base: nn.Module, linear_bits: int, group_size: int = 32, he
 
     Decoder linears get ``linear_bits``-bit weights; a 4-bit linear whose input size is not a multiple of
     ``group_size`` gets 8-bit per-channel weights instead. The LM head (untied first) gets ``head_bits``:
-    8 by default, because a 4-bit head alone costs SmolLM2-135M ~14 % perplexity (docs/results_export.md).
+    8 by default, because a 4-bit head alone costs SmolLM2-135M another ~16 % perplexity (46.3 vs 39.9,
+    docs/results_export.md).
     """
     from torchao.quantization import quantize_
 

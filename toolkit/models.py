@@ -231,7 +231,8 @@ def _convert_gguf(gguf_path: Path, folder: Path, meta: dict) -> None:
         except Exception as e:  # transformers raises many types for a bad file
             raise ModelLoadError(f"could not read GGUF {gguf_path}: {_one_line(e)}") from e
     adapter_for(model.config)
-    # A GGUF-loaded model refuses save_pretrained until its quantizer is cleared (NOTES.md).
+    # transformers marks a GGUF-loaded model as quantized (its weights are already dequantized to float) and then
+    # refuses save_pretrained / deepcopy-based export: clear the quantizer state.
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
