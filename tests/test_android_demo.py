@@ -10,7 +10,8 @@
 - The plain-Java logic agrees with the Python side: manifest validation (firstkit.runtime.bundle), prompt
   encoding (Hugging Face tokenizers + chat template), mask specs (the core's parse_mask_spec).
 
-System packages: openjdk-17-jdk-headless (javac, jni.h), aapt and android-framework-res (resources).
+System packages: openjdk-17-jdk-headless (javac, jni.h), libandroid-json-java (org.json, which Android has built in
+and the logic module parses JSON with), aapt and android-framework-res (resources).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ APP = DEMO / "app" / "src" / "main"
 LOGIC = DEMO / "logic" / "src" / "main" / "java"
 CORE = REPO / "device_bench" / "runner" / "core"
 FRAMEWORK_RES = Path("/usr/share/android-framework-res/framework-res.apk")
+ORG_JSON = Path("/usr/share/java/com.android.json.jar")  # Android's org.json for the JVM (libandroid-json-java)
 ANDROID_NS = "{http://schemas.android.com/apk/res/android}"
 PROMPT = "Hello, w"
 _ROOT = Path(tempfile.mkdtemp(prefix="firstkit-android-tests-"))
@@ -55,16 +57,29 @@ def _java_home() -> Path:
     return home
 
 
+def org_json() -> Path:
+    """Android's org.json as a jar (on the phone it is part of Android; the logic module compiles against it)."""
+    if not ORG_JSON.is_file():
+        pytest.fail(f"{ORG_JSON} missing: install the Debian package libandroid-json-java (org.json, as built into "
+                    "Android; tests/install_system_deps.sh)")
+    return ORG_JSON
+
+
 @functools.cache
 def java_classes() -> Path:
     """The logic module compiled with javac (Java 11 language level, as the Gradle module declares)."""
     _need("javac", "openjdk-17-jdk-headless")
     out = _ROOT / "classes"
     sources = sorted(str(p) for p in LOGIC.rglob("*.java"))
-    res = subprocess.run(["javac", "--release", "11", "-Xlint:all", "-Werror", "-d", str(out), *sources],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(["javac", "--release", "11", "-Xlint:all", "-Werror", "-cp", str(org_json()), "-d", str(out),
+                          *sources], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     return out
+
+
+def java_classpath() -> str:
+    """Classpath that runs the logic module: its classes and org.json."""
+    return os.pathsep.join([str(java_classes()), str(org_json())])
 
 
 @functools.cache
@@ -90,7 +105,7 @@ def jni_library() -> Path:
 
 def logic_tool(*args, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run org.firstkit.demo.logic.LogicTool (with the JNI library on java.library.path when built)."""
-    cmd = ["java", "-cp", str(java_classes())]
+    cmd = ["java", "-cp", java_classpath()]
     if args[0] in ("bench", "native-mask", "decode", "stream"):
         cmd.append(f"-Djava.library.path={jni_library().parent}")
     res = subprocess.run([*cmd, "org.firstkit.demo.logic.LogicTool", *map(str, args)], capture_output=True,
@@ -188,6 +203,11 @@ def test_gradle_project_is_conventional():
     assert 'implementation("org.pytorch:executorch-android:$executorchVersion")' in app
     assert 'path = file("src/main/cpp/CMakeLists.txt")' in app
     assert 'implementation(project(":logic"))' in app
+    # the logic module parses JSON with org.json: Android has it built in, so it is compileOnly (never packaged)
+    logic = (DEMO / "logic" / "build.gradle.kts").read_text()
+    assert re.search(r'compileOnly\((androidJson|"com\.vaadin\.external\.google:android-json:[^"]+")\)', logic)
+    assert "implementation(" not in logic.replace("testImplementation(", "")
+    assert not (LOGIC / "org" / "firstkit" / "demo" / "logic" / "Json.java").exists()  # no hand-written parser
     # the ExecuTorch Android runtime must be the release the exporter used (.pte + headers compatibility)
     props = (DEMO / "gradle.properties").read_text()
     from importlib.metadata import version
@@ -405,6 +425,60 @@ def test_manifest_file_checks(tmp_path):
     assert res.returncode == 1 and "no manifest.json (not a firstkit bundle)" in res.stderr
 
 
+def _one_line_error(res: subprocess.CompletedProcess, *parts: str) -> None:
+    """LogicTool failed with one 'error: ...' line naming the problem (no stack trace, no unchecked exception)."""
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Exception" not in lines[0] and "\tat " not in res.stderr, res.stderr
+    for p in parts:
+        assert p in lines[0], (p, lines[0])
+
+
+def test_malformed_json_gives_one_line_errors(tmp_path):
+    """org.json parses; every malformed document is a one-line BundleException/IllegalArgumentException."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for text, why in [('{"format": "firstkit-bundle",', "invalid JSON"), ('{"a": 1} {"b": 2}', "trailing characters"),
+                      ("[" * 100000, "invalid JSON"), ("", "invalid JSON"),
+                      ("[1, 2]", "manifest must be a JSON object")]:
+        (bundle / "manifest.json").write_text(text)
+        _one_line_error(logic_tool("manifest", bundle, check=False), str(bundle / "manifest.json"), why)
+    good = {"text": "hi", "tokens": [1, 2], "prompt_tokens": 3, "mask": "1011", "skip_ratio": 0.25, "prefill_ms": 1.5,
+            "decode_ms_per_token": 2.0, "decode_ms": [2.0], "tokens_per_s": 500.0, "peak_rss_mb": 10.0, "threads": 1,
+            "backend": "executorch", "runner": "android", "bundle_sha256": "0" * 64}
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps(good) + "\n")
+    assert logic_tool("result", results).stdout.count("skipped 1/4 layers") == 1
+    for line, why in [("{not json", "run result: invalid JSON"), ("[1]", "run result: not a JSON object"),
+                      (json.dumps(good) + " x", "run result: invalid JSON (trailing"),
+                      (json.dumps({**good, "tokens": [1, 2.5]}), "run result: tokens must be integers"),
+                      (json.dumps({**good, "threads": None}), "run result: threads must be a non-negative integer"),
+                      (json.dumps({**good, "mask": "10x1"}), "run result: mask must be a non-empty 0/1 string"),
+                      (json.dumps({k: v for k, v in good.items() if k != "text"}), "run result lacks keys text")]:
+        results.write_text(line + "\n")
+        _one_line_error(logic_tool("result", results, check=False), why)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for doc, why in [('{"model": {"type": "BPE"', "tokenizer: tokenizer.json: invalid JSON"),
+                     ({"model": {"type": "BPE", "vocab": {"a": "x"}, "merges": []}}, "model.vocab must hold integers"),
+                     ({"model": {"type": "BPE", "vocab": {"a": 0}}}, "model.merges is missing"),
+                     ({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [3]}}, "model.merges must hold strings"),
+                     ({"model": []}, "tokenizer: model must be an object")]:
+        (tok / "tokenizer.json").write_text(doc if isinstance(doc, str) else json.dumps(doc))
+        _one_line_error(logic_tool("encode", tok, "a", "--raw", check=False), why)
+    # a non-object in check-manifests is refused with the Python runtime's message
+    from firstkit.runtime.bundle import BundleError, validate_manifest
+
+    f = tmp_path / "manifests.json"
+    f.write_text(json.dumps([5, None, "x"]))
+    java = json.loads(logic_tool("check-manifests", f).stdout)
+    for m, jerr in zip([5, None, "x"], java, strict=True):
+        with pytest.raises(BundleError) as e:
+            validate_manifest(m, "manifest.json")
+        assert jerr == str(e.value)
+
+
 TEXTS = ["Hello, world!", "The capital of France is Paris.", "  leading and trailing  ", "tabs\tand\nnewlines\n\n",
          "numbers 12345 and 3.14159", "don't you'll we've I'm", "ünïcödé café naïve", "日本語のテキスト",
          "emoji 😀🚀 mixed", "<|im_start|>user\nhi<|im_end|>", "a" * 50, "x<|im_end|>y", ""]
@@ -519,7 +593,7 @@ def test_kotlin_sources_parse_and_use_the_logic_api_correctly():
     kotlinc = _need("kotlinc", "kotlin")
     out = _ROOT / "kotlin-out"
     sources = sorted(str(p) for p in (APP / "java").rglob("*.kt"))
-    res = subprocess.run([kotlinc, "-cp", str(java_classes()), *sources, "-d", str(out)], capture_output=True,
+    res = subprocess.run([kotlinc, "-cp", java_classpath(), *sources, "-d", str(out)], capture_output=True,
                          text=True, timeout=600)
     errors = [line.split("error: ", 1)[1] for line in res.stderr.splitlines() if " error: " in line]
     for e in errors:

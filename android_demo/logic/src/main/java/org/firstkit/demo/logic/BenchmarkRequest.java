@@ -59,9 +59,7 @@ public final class BenchmarkRequest {
     warmup = intExtra(e, "warmup", 0, 0);
     runs = intExtra(e, "runs", 1, 1);
     mask = e.getOrDefault("mask", "auto");
-    if (!mask.equals("auto") && !mask.equals("all") && !mask.matches("[01]+")) {
-      throw new IllegalArgumentException("mask must be auto, all or a string of 0/1, got '" + mask + "'");
-    }
+    MaskFormat.checkSpec(mask);  // the length is checked by MaskFormat.parseSpec once the bundle is read
     ignoreEos = boolExtra(e, "ignore_eos", false);
     verify = boolExtra(e, "verify", true);
   }
@@ -134,10 +132,6 @@ public final class BenchmarkRequest {
 
   /** The status object written to {@code out + ".done"} when the benchmark ends. */
   public static String status(boolean ok, int runsWritten, String error) {
-    Map<String, Object> m = new java.util.LinkedHashMap<>();
-    m.put("ok", ok);
-    m.put("runs", (long) runsWritten);
-    m.put("error", error);
-    return Json.write(m);
+    return JsonText.object("ok", ok, "runs", runsWritten, "error", error);
   }
 }

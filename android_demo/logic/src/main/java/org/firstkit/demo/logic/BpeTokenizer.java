@@ -12,6 +12,8 @@ import java.util.List;
 import java.util.Map;
 import java.util.regex.Matcher;
 import java.util.regex.Pattern;
+import org.json.JSONArray;
+import org.json.JSONObject;
 
 /**
  * Text to token ids with a Hugging Face {@code tokenizer.json} (byte-level BPE: GPT-2, SmolLM2, Qwen style).
@@ -34,45 +36,53 @@ public final class BpeTokenizer {
   private boolean byteLevel;
   private boolean addPrefixSpace;
   private final boolean nfc;
-  private final List<Object> templateSingle;
+  /** TemplateProcessing "single": null = the text's ids, else a special token name (null list: no template). */
+  private final List<String> templateSingle;
   private final Map<String, long[]> templateSpecials = new HashMap<>();
   private final Integer unkId;
   private final Map<String, long[]> cache = new HashMap<>();
   private static final String[] BYTE_TO_UNICODE = byteToUnicode();
 
-  /** Loads {@code tokenizer.json}. Throws {@link IllegalArgumentException} for unsupported tokenizers. */
-  @SuppressWarnings("unchecked")
+  /**
+   * Loads {@code tokenizer.json}. Throws {@link IllegalArgumentException} (one line, "tokenizer: ...") for invalid
+   * JSON, a malformed file and unsupported tokenizers.
+   */
   public BpeTokenizer(String tokenizerJson) {
-    Map<String, Object> t = Json.parseObject(tokenizerJson);
-    Map<String, Object> model = Json.obj(t, "model");
-    if (model == null || !"BPE".equals(model.get("type"))) {
+    JSONObject t = JsonText.parseObject(tokenizerJson, "tokenizer: tokenizer.json");
+    JSONObject model = obj(t, "model");
+    if (model == null || !"BPE".equals(JsonText.get(model, "type"))) {
       throw new IllegalArgumentException("tokenizer: only BPE models are supported, got "
-          + (model == null ? "none" : model.get("type")));
+          + (model == null ? "none" : JsonText.get(model, "type")));
     }
-    if (Boolean.TRUE.equals(model.get("byte_fallback"))) {
+    if (Boolean.TRUE.equals(JsonText.get(model, "byte_fallback"))) {
       throw new IllegalArgumentException("tokenizer: byte-fallback (SentencePiece-style) BPE is not supported");
     }
-    for (Map.Entry<String, Object> e : Json.obj(model, "vocab").entrySet()) {
-      vocab.put(e.getKey(), (int) ((Number) e.getValue()).longValue());
-    }
-    List<Object> merges = Json.arr(model, "merges");
-    for (int r = 0; r < merges.size(); r++) {
-      Object m = merges.get(r);
+    JSONObject v = required(obj(model, "vocab"), "model.vocab");
+    for (String token : JsonText.keys(v)) vocab.put(token, (int) integer(JsonText.get(v, token), "model.vocab"));
+    JSONArray merges = required(arr(model, "merges"), "model.merges");
+    for (int r = 0; r < merges.length(); r++) {
+      Object m = JsonText.at(merges, r);
       String key;
-      if (m instanceof String) key = (String) m;
-      else key = ((List<Object>) m).get(0) + " " + ((List<Object>) m).get(1);
+      if (m instanceof String) {
+        key = (String) m;
+      } else if (m instanceof JSONArray && ((JSONArray) m).length() == 2) {
+        key = string(JsonText.at((JSONArray) m, 0), "model.merges") + " "
+            + string(JsonText.at((JSONArray) m, 1), "model.merges");
+      } else {
+        throw new IllegalArgumentException("tokenizer: model.merges must hold strings or pairs of strings");
+      }
       mergeRank.putIfAbsent(key, r);
     }
-    Object unk = model.get("unk_token");
+    Object unk = JsonText.get(model, "unk_token");
     unkId = unk instanceof String ? vocab.get(unk) : null;
 
-    List<Object> addedTokens = Json.arr(t, "added_tokens");
+    JSONArray addedTokens = arr(t, "added_tokens");
     if (addedTokens != null) {
       List<String> contents = new ArrayList<>();
-      for (Object o : addedTokens) {
-        Map<String, Object> a = (Map<String, Object>) o;
-        String c = (String) a.get("content");
-        added.put(c, (int) ((Number) a.get("id")).longValue());
+      for (int k = 0; k < addedTokens.length(); k++) {
+        JSONObject a = object(JsonText.at(addedTokens, k), "added_tokens");
+        String c = string(JsonText.get(a, "content"), "added_tokens content");
+        added.put(c, (int) integer(JsonText.get(a, "id"), "added_tokens id"));
         contents.add(c);
       }
       contents.sort((a, b) -> b.length() - a.length());
@@ -83,32 +93,44 @@ public final class BpeTokenizer {
       addedPattern = null;
     }
 
-    Map<String, Object> norm = Json.obj(t, "normalizer");
+    JSONObject norm = obj(t, "normalizer");
     if (norm == null) {
       nfc = false;
-    } else if ("NFC".equals(norm.get("type"))) {
+    } else if ("NFC".equals(JsonText.get(norm, "type"))) {
       nfc = true;
     } else {
-      throw new IllegalArgumentException("tokenizer: normalizer " + norm.get("type") + " is not supported");
+      throw new IllegalArgumentException("tokenizer: normalizer " + JsonText.get(norm, "type")
+          + " is not supported");
     }
-    Map<String, Object> pre = Json.obj(t, "pre_tokenizer");
+    JSONObject pre = obj(t, "pre_tokenizer");
     if (pre == null) throw new IllegalArgumentException("tokenizer: a pre_tokenizer is required");
     addPre(pre);
     if (!byteLevel) throw new IllegalArgumentException("tokenizer: only byte-level BPE is supported");
 
-    Map<String, Object> post = Json.obj(t, "post_processor");
-    List<Object> single = null;
+    JSONObject post = obj(t, "post_processor");
+    List<String> single = null;
     if (post != null) {
-      String type = String.valueOf(post.get("type"));
+      String type = String.valueOf(JsonText.get(post, "type"));
       if (type.equals("TemplateProcessing")) {
-        single = Json.arr(post, "single");
-        Map<String, Object> specials = Json.obj(post, "special_tokens");
+        single = new ArrayList<>();
+        JSONArray pieces = required(arr(post, "single"), "post_processor.single");
+        for (int k = 0; k < pieces.length(); k++) {
+          JSONObject piece = object(JsonText.at(pieces, k), "post_processor.single");
+          if (piece.has("Sequence")) {
+            single.add(null);
+          } else if (piece.has("SpecialToken")) {
+            JSONObject sp = object(JsonText.get(piece, "SpecialToken"), "post_processor.single SpecialToken");
+            single.add(String.valueOf(JsonText.get(sp, "id")));
+          }
+        }
+        JSONObject specials = obj(post, "special_tokens");
         if (specials != null) {
-          for (Map.Entry<String, Object> e : specials.entrySet()) {
-            List<Object> ids = Json.arr((Map<String, Object>) e.getValue(), "ids");
-            long[] a = new long[ids.size()];
-            for (int k = 0; k < a.length; k++) a[k] = ((Number) ids.get(k)).longValue();
-            templateSpecials.put(e.getKey(), a);
+          for (String name : JsonText.keys(specials)) {
+            JSONObject sp = object(JsonText.get(specials, name), "post_processor.special_tokens");
+            JSONArray ids = required(arr(sp, "ids"), "post_processor.special_tokens ids");
+            long[] a = new long[ids.length()];
+            for (int k = 0; k < a.length; k++) a[k] = integer(JsonText.at(ids, k), "post_processor.special_tokens ids");
+            templateSpecials.put(name, a);
           }
         }
       } else if (!type.equals("ByteLevel")) {
@@ -124,33 +146,70 @@ public final class BpeTokenizer {
     return new BpeTokenizer(new String(Files.readAllBytes(f.toPath()), StandardCharsets.UTF_8));
   }
 
-  @SuppressWarnings("unchecked")
-  private void addPre(Map<String, Object> p) {
-    String type = String.valueOf(p.get("type"));
+  // Typed access to tokenizer.json: a wrong type is a one-line "tokenizer: ..." error, never a ClassCastException.
+
+  private static JSONObject object(Object v, String what) {
+    if (!(v instanceof JSONObject)) throw new IllegalArgumentException("tokenizer: " + what + " must be an object");
+    return (JSONObject) v;
+  }
+
+  /** Member {@code key} as an object, or null when absent or null. */
+  private static JSONObject obj(JSONObject o, String key) {
+    Object v = JsonText.get(o, key);
+    return v == null ? null : object(v, key);
+  }
+
+  /** Member {@code key} as an array, or null when absent or null. */
+  private static JSONArray arr(JSONObject o, String key) {
+    Object v = JsonText.get(o, key);
+    if (v == null) return null;
+    if (!(v instanceof JSONArray)) throw new IllegalArgumentException("tokenizer: " + key + " must be an array");
+    return (JSONArray) v;
+  }
+
+  private static <T> T required(T v, String what) {
+    if (v == null) throw new IllegalArgumentException("tokenizer: " + what + " is missing");
+    return v;
+  }
+
+  private static long integer(Object v, String what) {
+    if (!JsonText.isInt(v)) throw new IllegalArgumentException("tokenizer: " + what + " must hold integers");
+    return ((Number) v).longValue();
+  }
+
+  private static String string(Object v, String what) {
+    if (!(v instanceof String)) throw new IllegalArgumentException("tokenizer: " + what + " must hold strings");
+    return (String) v;
+  }
+
+  private void addPre(JSONObject p) {
+    String type = String.valueOf(JsonText.get(p, "type"));
     switch (type) {
-      case "Sequence":
-        for (Object o : Json.arr(p, "pretokenizers")) addPre((Map<String, Object>) o);
+      case "Sequence": {
+        JSONArray steps = required(arr(p, "pretokenizers"), "pre_tokenizer pretokenizers");
+        for (int k = 0; k < steps.length(); k++) addPre(object(JsonText.at(steps, k), "pretokenizers"));
         break;
+      }
       case "ByteLevel":
         byteLevel = true;
-        addPrefixSpace = Boolean.TRUE.equals(p.get("add_prefix_space"));
-        if (!Boolean.FALSE.equals(p.get("use_regex"))) {
+        addPrefixSpace = Boolean.TRUE.equals(JsonText.get(p, "add_prefix_space"));
+        if (!Boolean.FALSE.equals(JsonText.get(p, "use_regex"))) {
           preSteps.add(new Object[] {"split", Pattern.compile(GPT2_PATTERN, Pattern.UNICODE_CHARACTER_CLASS)});
         }
         break;
       case "Split": {
-        Map<String, Object> pat = Json.obj(p, "pattern");
-        String behavior = String.valueOf(p.get("behavior"));
-        if (pat == null || !pat.containsKey("Regex") || !behavior.equals("Isolated")
-            || Boolean.TRUE.equals(p.get("invert"))) {
+        JSONObject pat = obj(p, "pattern");
+        String behavior = String.valueOf(JsonText.get(p, "behavior"));
+        if (pat == null || !(JsonText.get(pat, "Regex") instanceof String) || !behavior.equals("Isolated")
+            || Boolean.TRUE.equals(JsonText.get(p, "invert"))) {
           throw new IllegalArgumentException("tokenizer: only isolated regex Split pre-tokenizers are supported");
         }
-        preSteps.add(new Object[] {"split", Pattern.compile((String) pat.get("Regex"),
+        preSteps.add(new Object[] {"split", Pattern.compile((String) JsonText.get(pat, "Regex"),
             Pattern.UNICODE_CHARACTER_CLASS)});
         break;
       }
       case "Digits":
-        preSteps.add(new Object[] {"digits", Boolean.TRUE.equals(p.get("individual_digits"))});
+        preSteps.add(new Object[] {"digits", Boolean.TRUE.equals(JsonText.get(p, "individual_digits"))});
         break;
       default:
         throw new IllegalArgumentException("tokenizer: pre_tokenizer " + type + " is not supported");
@@ -185,16 +244,12 @@ public final class BpeTokenizer {
     for (int k = 0; k < body.length; k++) body[k] = ids.get(k);
     if (!addSpecialTokens || templateSingle == null) return body;
     List<Long> out = new ArrayList<>();
-    for (Object o : templateSingle) {
-      @SuppressWarnings("unchecked")
-      Map<String, Object> piece = (Map<String, Object>) o;
-      if (piece.containsKey("Sequence")) {
+    for (String special : templateSingle) {
+      if (special == null) {  // the "Sequence" piece: the text's own ids
         for (long x : body) out.add(x);
-      } else if (piece.containsKey("SpecialToken")) {
-        @SuppressWarnings("unchecked")
-        String id = String.valueOf(((Map<String, Object>) piece.get("SpecialToken")).get("id"));
-        long[] sp = templateSpecials.get(id);
-        if (sp == null) throw new IllegalArgumentException("tokenizer: unknown special token " + id);
+      } else {
+        long[] sp = templateSpecials.get(special);
+        if (sp == null) throw new IllegalArgumentException("tokenizer: unknown special token " + special);
         for (long x : sp) out.add(x);
       }
     }

@@ -12,10 +12,10 @@ import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.Collections;
 import java.util.HashSet;
-import java.util.LinkedHashMap;
 import java.util.List;
-import java.util.Map;
 import java.util.Set;
+import org.json.JSONArray;
+import org.json.JSONObject;
 
 /**
  * The manifest.json of a firstkit bundle (docs/bundle_format.md), checked exactly like the Python runtime
@@ -44,7 +44,8 @@ public final class BundleManifest {
     }
   }
 
-  public final Map<String, Object> raw;
+  /** The parsed manifest (org.json, part of Android). */
+  public final JSONObject raw;
   public final String modelId;
   public final String architecture;
   public final int numLayers;
@@ -56,56 +57,65 @@ public final class BundleManifest {
   public final String pteFile;
   public final List<FileEntry> files;
 
-  private BundleManifest(Map<String, Object> raw, String where) throws BundleException {
+  /** Reads the fields of a manifest {@link #validate} accepted. */
+  private BundleManifest(JSONObject raw, String where) throws BundleException {
     this.raw = raw;
-    Map<String, Object> model = castObj(raw.get("model"));
-    this.modelId = String.valueOf(model.get("id"));
-    this.architecture = String.valueOf(model.get("architecture"));
-    this.numLayers = (int) ((Number) model.get("num_layers")).longValue();
-    this.maxSeqLen = ((Number) raw.get("max_seq_len")).longValue();
+    JSONObject model = (JSONObject) get(raw, "model");
+    this.modelId = String.valueOf(get(model, "id"));
+    this.architecture = String.valueOf(get(model, "architecture"));
+    this.numLayers = (int) ((Number) get(model, "num_layers")).longValue();
+    this.maxSeqLen = ((Number) get(raw, "max_seq_len")).longValue();
     List<Long> eos = new ArrayList<>();
-    Object e = model.get("eos_ids");
-    if (e instanceof List) {
-      for (Object x : (List<?>) e) {
-        if (!Json.isInt(x)) throw new BundleException(where + ": model.eos_ids must be integers");
+    Object e = get(model, "eos_ids");
+    if (e instanceof JSONArray) {
+      JSONArray a = (JSONArray) e;
+      for (int k = 0; k < a.length(); k++) {
+        Object x = JsonText.at(a, k);
+        if (!JsonText.isInt(x)) throw new BundleException(where + ": model.eos_ids must be integers");
         eos.add(((Number) x).longValue());
       }
-    } else if (Json.isInt(e)) {
+    } else if (JsonText.isInt(e)) {
       eos.add(((Number) e).longValue());
     } else {
       throw new BundleException(where + ": model.eos_ids must be a list of integers");
     }
     this.eosIds = Collections.unmodifiableList(eos);
-    Map<String, Object> routing = castObj(raw.get("routing"));
-    this.policy = String.valueOf(routing.get("policy"));
+    JSONObject routing = (JSONObject) get(raw, "routing");
+    this.policy = String.valueOf(get(routing, "policy"));
     List<Integer> prot = new ArrayList<>();
-    for (Object x : (List<?>) routing.get("protected_layers")) prot.add((int) ((Number) x).longValue());
+    JSONArray pl = (JSONArray) get(routing, "protected_layers");
+    for (int k = 0; k < pl.length(); k++) prot.add((int) ((Number) JsonText.at(pl, k)).longValue());
     this.protectedLayers = Collections.unmodifiableList(prot);
-    Map<String, Object> et = castObj(castObj(raw.get("backends")).get("executorch"));
-    this.pteFile = et == null ? null : (String) et.get("file");
+    Object et = get((JSONObject) get(raw, "backends"), "executorch");
+    this.pteFile = et == null ? null : (String) get((JSONObject) et, "file");
     List<FileEntry> fl = new ArrayList<>();
-    for (Map.Entry<String, Object> f : castObj(raw.get("files")).entrySet()) {
-      Map<String, Object> ent = castObj(f.getValue());
-      fl.add(new FileEntry(f.getKey(), (String) ent.get("sha256"), ((Number) ent.get("size")).longValue()));
+    JSONObject fs = (JSONObject) get(raw, "files");
+    for (String rel : JsonText.keys(fs)) {
+      JSONObject ent = (JSONObject) get(fs, rel);
+      fl.add(new FileEntry(rel, (String) get(ent, "sha256"), ((Number) get(ent, "size")).longValue()));
     }
     this.files = Collections.unmodifiableList(fl);
   }
 
-  @SuppressWarnings("unchecked")
-  private static Map<String, Object> castObj(Object o) {
-    return (Map<String, Object>) o;
+  private static Object get(JSONObject o, String key) {
+    return JsonText.get(o, key);
   }
 
   /** Parses and validates manifest text; {@code where} names the file in error messages. */
   public static BundleManifest parse(String text, String where) throws BundleException {
-    Map<String, Object> m;
+    Object v;
     try {
-      Object v = Json.parse(text);
-      if (!(v instanceof Map)) throw new BundleException(where + ": manifest must be a JSON object");
-      m = castObj(v);
+      v = JsonText.parse(text, where);
     } catch (IllegalArgumentException ex) {
-      throw new BundleException(where + ": invalid JSON (" + ex.getMessage() + ")");
+      throw new BundleException(ex.getMessage());
     }
+    return fromJson(v, where);
+  }
+
+  /** Validates an already parsed manifest (any JSON value: a non-object is refused like the Python runtime does). */
+  public static BundleManifest fromJson(Object v, String where) throws BundleException {
+    if (!(v instanceof JSONObject)) throw new BundleException(where + ": manifest must be a JSON object");
+    JSONObject m = (JSONObject) v;
     validate(m, where);
     return new BundleManifest(m, where);
   }
@@ -144,71 +154,72 @@ public final class BundleManifest {
   }
 
   /** Schema check with the same rules and messages as the Python runtime; throws naming the first problem. */
-  public static void validate(Map<String, Object> m, String where) throws BundleException {
+  public static void validate(JSONObject m, String where) throws BundleException {
     List<String> missing = new ArrayList<>();
-    for (String k : REQUIRED_KEYS) if (!m.containsKey(k)) missing.add(k);
+    for (String k : REQUIRED_KEYS) if (!m.has(k)) missing.add(k);
     if (!missing.isEmpty()) throw new BundleException(where + ": missing keys " + String.join(", ", missing));
-    if (!FORMAT.equals(m.get("format"))) {
-      throw new BundleException(where + ": format is " + pyRepr(m.get("format")) + ", expected '" + FORMAT + "'");
+    if (!FORMAT.equals(get(m, "format"))) {
+      throw new BundleException(where + ": format is " + pyRepr(get(m, "format")) + ", expected '" + FORMAT + "'");
     }
-    Object fv = m.get("format_version");
-    if (!(Json.isInt(fv) && ((Number) fv).longValue() == FORMAT_VERSION)) {
+    Object fv = get(m, "format_version");
+    if (!(JsonText.isInt(fv) && ((Number) fv).longValue() == FORMAT_VERSION)) {
       throw new BundleException(where + ": format_version " + fv + " is not supported (this firstkit reads version "
           + FORMAT_VERSION + ")");
     }
-    Object modelObj = m.get("model");
-    if (!(modelObj instanceof Map) || !castObj(modelObj).keySet().containsAll(REQUIRED_MODEL_KEYS)) {
+    Object modelObj = get(m, "model");
+    if (!(modelObj instanceof JSONObject) || !hasAll((JSONObject) modelObj, REQUIRED_MODEL_KEYS)) {
       throw new BundleException(where + ": model must have keys " + String.join(", ", REQUIRED_MODEL_KEYS));
     }
-    Map<String, Object> model = castObj(modelObj);
-    Object nObj = model.get("num_layers");
-    if (!Json.isInt(nObj) || ((Number) nObj).longValue() < 1) {
+    JSONObject model = (JSONObject) modelObj;
+    Object nObj = get(model, "num_layers");
+    if (!JsonText.isInt(nObj) || ((Number) nObj).longValue() < 1) {
       throw new BundleException(where + ": model.num_layers must be a positive integer");
     }
     long n = ((Number) nObj).longValue();
-    Object msl = m.get("max_seq_len");
-    if (!Json.isInt(msl) || ((Number) msl).longValue() < 1) {
+    Object msl = get(m, "max_seq_len");
+    if (!JsonText.isInt(msl) || ((Number) msl).longValue() < 1) {
       throw new BundleException(where + ": max_seq_len must be a positive integer");
     }
-    Object routingObj = m.get("routing");
-    if (!(routingObj instanceof Map) || !castObj(routingObj).containsKey("policy")
-        || !castObj(routingObj).containsKey("protected_layers")) {
+    Object routingObj = get(m, "routing");
+    if (!(routingObj instanceof JSONObject) || !((JSONObject) routingObj).has("policy")
+        || !((JSONObject) routingObj).has("protected_layers")) {
       throw new BundleException(where + ": routing must have policy and protected_layers");
     }
-    Object prot = castObj(routingObj).get("protected_layers");
-    if (!(prot instanceof List)) throw new BundleException(where + ": routing.protected_layers must be a list");
-    for (Object x : (List<?>) prot) {
-      if (!Json.isInt(x) || ((Number) x).longValue() < 0 || ((Number) x).longValue() >= n) {
+    Object prot = get((JSONObject) routingObj, "protected_layers");
+    if (!(prot instanceof JSONArray)) throw new BundleException(where + ": routing.protected_layers must be a list");
+    JSONArray protList = (JSONArray) prot;
+    for (int k = 0; k < protList.length(); k++) {
+      Object x = JsonText.at(protList, k);
+      if (!JsonText.isInt(x) || ((Number) x).longValue() < 0 || ((Number) x).longValue() >= n) {
         throw new BundleException(where + ": routing.protected_layers out of range for " + n + " layers");
       }
     }
-    Object backendsObj = m.get("backends");
-    if (!(backendsObj instanceof Map) || castObj(backendsObj).isEmpty()
-        || !BACKENDS.containsAll(castObj(backendsObj).keySet())) {
+    Object backendsObj = get(m, "backends");
+    if (!(backendsObj instanceof JSONObject) || ((JSONObject) backendsObj).length() == 0
+        || !BACKENDS.containsAll(JsonText.keys((JSONObject) backendsObj))) {
       throw new BundleException(where + ": backends must be a non-empty object with keys from ('executorch', 'onnx')");
     }
-    Object filesObj = m.get("files");
-    if (!(filesObj instanceof Map)) throw new BundleException(where + ": files must be an object");
-    Map<String, Object> files = castObj(filesObj);
-    for (Map.Entry<String, Object> f : files.entrySet()) {
-      String rel = f.getKey();
-      Object ent = f.getValue();
-      if (!(ent instanceof Map) || !(castObj(ent).get("sha256") instanceof String)
-          || !castObj(ent).containsKey("size")) {
+    Object filesObj = get(m, "files");
+    if (!(filesObj instanceof JSONObject)) throw new BundleException(where + ": files must be an object");
+    JSONObject files = (JSONObject) filesObj;
+    for (String rel : JsonText.keys(files)) {
+      Object ent = get(files, rel);
+      if (!(ent instanceof JSONObject) || !(get((JSONObject) ent, "sha256") instanceof String)
+          || !((JSONObject) ent).has("size")) {
         throw new BundleException(where + ": files[" + pyRepr(rel) + "] needs sha256 and size");
       }
-      if (!Json.isInt(castObj(ent).get("size"))) {
+      if (!JsonText.isInt(get((JSONObject) ent, "size"))) {
         throw new BundleException(where + ": files[" + pyRepr(rel) + "] size must be an integer");
       }
       if (rel.startsWith("/") || Arrays.asList(rel.split("/")).contains("..")) {
         throw new BundleException(where + ": files[" + pyRepr(rel) + "] escapes the bundle");
       }
     }
-    Map<String, Object> backends = castObj(backendsObj);
-    Object et = backends.get("executorch");
+    JSONObject backends = (JSONObject) backendsObj;
+    Object et = get(backends, "executorch");
     if (et != null) {
-      if (!(et instanceof Map)) throw new BundleException(where + ": backends.executorch must be an object");
-      if (!files.containsKey(String.valueOf(castObj(et).get("file")))) {
+      if (!(et instanceof JSONObject)) throw new BundleException(where + ": backends.executorch must be an object");
+      if (!isListed(files, get((JSONObject) et, "file"))) {
         throw new BundleException(where + ": backends.executorch.file is not listed under files");
       }
       Set<String> expected = new HashSet<>(Arrays.asList("embed", "route", "head"));
@@ -216,25 +227,39 @@ public final class BundleManifest {
         expected.add("prefill_" + i);
         expected.add("layer_" + i);
       }
-      Object methods = castObj(et).get("methods");
+      Object methods = get((JSONObject) et, "methods");
       Set<String> have = new HashSet<>();
-      if (methods instanceof Map) have.addAll(castObj(methods).keySet());
-      else if (methods instanceof List) for (Object x : (List<?>) methods) have.add(String.valueOf(x));
+      if (methods instanceof JSONObject) {
+        have.addAll(JsonText.keys((JSONObject) methods));
+      } else if (methods instanceof JSONArray) {
+        JSONArray ml = (JSONArray) methods;
+        for (int k = 0; k < ml.length(); k++) have.add(String.valueOf(JsonText.at(ml, k)));
+      }
       if (!have.equals(expected)) {
         throw new BundleException(where + ": backends.executorch.methods must be embed, route, prefill_0..prefill_"
             + (n - 1) + ", layer_0..layer_" + (n - 1) + ", head (a bundle from an older firstkit: export it again)");
       }
     }
-    Object ox = backends.get("onnx");
+    Object ox = get(backends, "onnx");
     if (ox != null) {
       for (String key : new String[] {"prefill", "decode"}) {
-        Object sub = ox instanceof Map ? castObj(ox).get(key) : null;
-        Object file = sub instanceof Map ? castObj(sub).get("file") : null;
-        if (file == null || !files.containsKey(String.valueOf(file))) {
-          throw new BundleException(where + ": backends.onnx." + key + ".file is not listed under files");
+        Object sub = ox instanceof JSONObject ? get((JSONObject) ox, key) : null;
+        Object file = sub instanceof JSONObject ? get((JSONObject) sub, "file") : null;
+        if (!isListed(files, file)) {
+          throw new BundleException(where + ": backends." + "onnx." + key + ".file is not listed under files");
         }
       }
     }
+  }
+
+  private static boolean hasAll(JSONObject o, List<String> keys) {
+    for (String k : keys) if (!o.has(k)) return false;
+    return true;
+  }
+
+  /** A file reference (a string, as Python's {@code file in files} needs) that the manifest lists. */
+  private static boolean isListed(JSONObject files, Object file) {
+    return file instanceof String && files.has((String) file);
   }
 
   /** True when the app can run this bundle: it has an ExecuTorch program. */
@@ -244,9 +269,9 @@ public final class BundleManifest {
 
   /** A short human summary for the UI. */
   public String summary() {
-    Map<String, Object> q = raw.get("quantization") instanceof Map ? castObj(raw.get("quantization")) : null;
-    String quant = q != null && q.get("scheme") != null ? String.valueOf(q.get("scheme"))
-        : String.valueOf(raw.get("quantization"));
+    Object q = get(raw, "quantization");
+    Object scheme = q instanceof JSONObject ? get((JSONObject) q, "scheme") : null;
+    String quant = String.valueOf(scheme != null ? scheme : q);
     return modelId + " (" + architecture + ", " + numLayers + " layers, max " + maxSeqLen + " tokens, " + quant
         + ", policy " + policy + ", protected " + protectedLayers + ")";
   }
@@ -254,7 +279,7 @@ public final class BundleManifest {
   /** Python-style repr of a string (for messages identical to the Python runtime's). */
   static String pyRepr(Object o) {
     if (o instanceof String) return "'" + ((String) o).replace("\\", "\\\\").replace("'", "\\'") + "'";
-    if (o == null) return "None";
+    if (o == null || o == JSONObject.NULL) return "None";
     return String.valueOf(o);
   }
 
@@ -273,10 +298,5 @@ public final class BundleManifest {
     } catch (NoSuchAlgorithmException ex) {
       throw new IllegalStateException(ex);
     }
-  }
-
-  /** Ordered copy of the raw manifest (for display). */
-  public Map<String, Object> rawCopy() {
-    return new LinkedHashMap<>(raw);
   }
 }

@@ -8,8 +8,9 @@ import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.util.Arrays;
 import java.util.LinkedHashMap;
-import java.util.List;
 import java.util.Map;
+import org.json.JSONArray;
+import org.json.JSONObject;
 
 /**
  * Host command line over the app's plain-Java logic, so it can be run and tested off the phone:
@@ -54,14 +55,8 @@ public final class LogicTool {
         if (a.length < 2) return usage();
         boolean hashes = !Arrays.asList(a).contains("--no-hashes");
         BundleManifest m = BundleManifest.read(new File(a[1]), hashes);
-        Map<String, Object> o = new LinkedHashMap<>();
-        o.put("ok", true);
-        o.put("model_id", m.modelId);
-        o.put("num_layers", (long) m.numLayers);
-        o.put("max_seq_len", m.maxSeqLen);
-        o.put("pte", m.pteFile);
-        o.put("summary", m.summary());
-        System.out.println(Json.write(o));
+        System.out.println(JsonText.object("ok", true, "model_id", m.modelId, "num_layers", m.numLayers,
+            "max_seq_len", m.maxSeqLen, "pte", m.pteFile, "summary", m.summary()));
         return 0;
       }
       case "encode": {
@@ -70,7 +65,7 @@ public final class LogicTool {
         BpeTokenizer tok = BpeTokenizer.fromDirectory(dir);
         boolean raw = Arrays.asList(a).contains("--raw");
         long[] ids = raw ? tok.encode(a[2], true) : PromptFormat.fromTokenizerDir(dir).encode(tok, a[2]);
-        System.out.println(Json.write(ids));
+        System.out.println(JsonText.array(ids));
         return 0;
       }
       case "encode-json": {
@@ -79,25 +74,29 @@ public final class LogicTool {
         BpeTokenizer tok = BpeTokenizer.fromDirectory(dir);
         boolean raw = Arrays.asList(a).contains("--raw");
         PromptFormat fmt = raw ? null : PromptFormat.fromTokenizerDir(dir);
-        List<Object> out = new java.util.ArrayList<>();
-        for (Object t : (List<?>) Json.parse(String.join("\n", lines(new File(a[2]))))) {
-          out.add(raw ? tok.encode((String) t, true) : fmt.encode(tok, (String) t));
+        JSONArray texts = JsonText.parseArray(readText(new File(a[2])), a[2]);
+        JSONArray out = new JSONArray();
+        for (int k = 0; k < texts.length(); k++) {
+          Object t = JsonText.at(texts, k);
+          if (!(t instanceof String)) throw new IllegalArgumentException(a[2] + ": texts must be strings");
+          out.put(JsonText.array(raw ? tok.encode((String) t, true) : fmt.encode(tok, (String) t)));
         }
-        System.out.println(Json.write(out));
+        System.out.println(out);
         return 0;
       }
       case "check-manifests": {
         if (a.length < 2) return usage();
-        List<Object> out = new java.util.ArrayList<>();
-        for (Object m : (List<?>) Json.parse(String.join("\n", lines(new File(a[1]))))) {
+        JSONArray manifests = JsonText.parseArray(readText(new File(a[1])), a[1]);
+        JSONArray out = new JSONArray();
+        for (int k = 0; k < manifests.length(); k++) {
           try {
-            BundleManifest.parse(Json.write(m), "manifest.json");
-            out.add(null);
+            BundleManifest.fromJson(JsonText.at(manifests, k), "manifest.json");
+            out.put(JSONObject.NULL);
           } catch (BundleException e) {
-            out.add(e.getMessage());
+            out.put(e.getMessage());
           }
         }
-        System.out.println(Json.write(out));
+        System.out.println(out);
         return 0;
       }
       case "mask":
@@ -111,7 +110,7 @@ public final class LogicTool {
           System.loadLibrary("firstkit_jni");
           v = NativeRunner.parseMaskSpec(a[1], n);
         }
-        System.out.println(v == null ? "null" : Json.write(v));
+        System.out.println(v == null ? "null" : JsonText.array(v).toString());
         return 0;
       }
       case "decode":
@@ -121,17 +120,13 @@ public final class LogicTool {
         long[] ids = BenchmarkRequest.parseIds(a[2]);
         try (NativeRunner r = NativeRunner.load(a[1], 1, true)) {
           if (a[0].equals("decode")) {
-            System.out.println(Json.write(r.decode(ids)));
+            System.out.println(JSONObject.quote(r.decode(ids)));
             return 0;
           }
           long[] override = a.length > 4 ? MaskFormat.parseSpec(a[4], BundleManifest.read(new File(a[1]), false)
               .numLayers) : null;
           String result = r.generate(ids, Integer.parseInt(a[3]), override, false, (tok, i, text) -> {
-            Map<String, Object> o = new LinkedHashMap<>();
-            o.put("token", tok);
-            o.put("index", (long) i);
-            o.put("text", text);
-            System.out.println(Json.write(o));
+            System.out.println(JsonText.object("token", tok, "index", i, "text", text));
             return true;
           });
           RunResult.parse(result);
@@ -178,7 +173,7 @@ public final class LogicTool {
         String status = Benchmark.runIntent(extras, a[2], a[1], () -> System.loadLibrary("firstkit_jni"),
             line -> System.out.println("FIRSTKIT_RESULT " + line));
         System.out.println("FIRSTKIT_DONE " + status);
-        return Boolean.TRUE.equals(((Map<?, ?>) Json.parse(status)).get("ok")) ? 0 : 1;
+        return Boolean.TRUE.equals(JsonText.get(JsonText.parseObject(status, "status"), "ok")) ? 0 : 1;
       }
       default:
         return usage();
@@ -207,9 +202,5 @@ public final class LogicTool {
 
   static String readText(File f) throws IOException {
     return new String(Files.readAllBytes(f.toPath()), StandardCharsets.UTF_8);
-  }
-
-  static List<String> lines(File f) throws IOException {
-    return Files.readAllLines(f.toPath(), StandardCharsets.UTF_8);
   }
 }

@@ -27,12 +27,33 @@ public final class MaskFormat {
     }
     for (int i = 0; i < numLayers; i++) {
       char c = spec.charAt(i);
-      if (c != '0' && c != '1') {
-        throw new IllegalArgumentException("mask must be auto, all or a string of 0/1, got '" + spec + "'");
-      }
+      if (c != '0' && c != '1') throw new IllegalArgumentException(notASpec(spec));
       out[i] = c == '1' ? 1 : 0;
     }
     return out;
+  }
+
+  /**
+   * Checks what a user typed before the model is known (the benchmark's {@code mask} extra): "auto", "all" or a
+   * non-empty string of 0/1; {@link #parseSpec} checks the length once the layer count is known.
+   */
+  public static void checkSpec(String spec) {
+    if (spec == null || !(spec.equals("auto") || spec.equals("all") || isBits(spec))) {
+      throw new IllegalArgumentException(notASpec(spec));
+    }
+  }
+
+  private static String notASpec(String spec) {
+    return "mask must be auto, all or a string of 0/1, got '" + spec + "'";
+  }
+
+  /** True for a non-empty string of '0'/'1' (a mask as text). */
+  public static boolean isBits(String bits) {
+    if (bits == null || bits.isEmpty()) return false;
+    for (int i = 0; i < bits.length(); i++) {
+      if (bits.charAt(i) != '0' && bits.charAt(i) != '1') return false;
+    }
+    return true;
   }
 
   /** Checks a mask bits string as it comes back from a run. */
@@ -41,9 +62,7 @@ public final class MaskFormat {
       throw new IllegalArgumentException("mask has " + (bits == null ? 0 : bits.length()) + " bits, model has "
           + numLayers + " layers");
     }
-    for (int i = 0; i < bits.length(); i++) {
-      if (bits.charAt(i) != '0' && bits.charAt(i) != '1') throw new IllegalArgumentException("mask is not 0/1 text");
-    }
+    if (!isBits(bits)) throw new IllegalArgumentException("mask is not 0/1 text");
   }
 
   /** Indices of skipped layers (the '0' bits). */

@@ -4,7 +4,6 @@ import java.io.File;
 import java.io.IOException;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
-import java.util.Map;
 import java.util.regex.Matcher;
 import java.util.regex.Pattern;
 
@@ -44,8 +43,7 @@ public final class PromptFormat {
     if (jinja.isFile()) return fromTemplate(read(jinja));
     File cfg = new File(dir, "tokenizer_config.json");
     if (cfg.isFile()) {
-      Map<String, Object> c = Json.parseObject(read(cfg));
-      Object t = c.get("chat_template");
+      Object t = JsonText.get(JsonText.parseObject(read(cfg), cfg.getPath()), "chat_template");
       if (t instanceof String) return fromTemplate((String) t);
     }
     return new PromptFormat(Kind.RAW, null);

@@ -5,7 +5,8 @@ import java.util.Arrays;
 import java.util.Collections;
 import java.util.List;
 import java.util.Locale;
-import java.util.Map;
+import org.json.JSONArray;
+import org.json.JSONObject;
 
 /**
  * One generation in the "Run result JSON" of docs/CONTRACTS.md (device_bench/schemas/run_result.schema.json),
@@ -34,81 +35,93 @@ public final class RunResult {
   public final String runner;
   public final String bundleSha256;
 
-  private RunResult(String json, Map<String, Object> m) {
+  private RunResult(String json, JSONObject m) {
     this.json = json;
-    this.text = (String) m.get("text");
-    List<?> t = (List<?>) m.get("tokens");
-    this.tokens = new long[t.size()];
-    for (int i = 0; i < tokens.length; i++) tokens[i] = ((Number) t.get(i)).longValue();
-    this.promptTokens = ((Number) m.get("prompt_tokens")).longValue();
-    this.mask = (String) m.get("mask");
-    this.skipRatio = ((Number) m.get("skip_ratio")).doubleValue();
-    this.prefillMs = ((Number) m.get("prefill_ms")).doubleValue();
-    this.decodeMsPerToken = ((Number) m.get("decode_ms_per_token")).doubleValue();
-    List<?> d = (List<?>) m.get("decode_ms");
-    this.decodeMs = new double[d.size()];
-    for (int i = 0; i < decodeMs.length; i++) decodeMs[i] = ((Number) d.get(i)).doubleValue();
-    this.tokensPerS = ((Number) m.get("tokens_per_s")).doubleValue();
-    this.peakRssMb = ((Number) m.get("peak_rss_mb")).doubleValue();
-    this.threads = ((Number) m.get("threads")).longValue();
-    this.backend = (String) m.get("backend");
-    this.runner = (String) m.get("runner");
-    this.bundleSha256 = (String) m.get("bundle_sha256");
+    this.text = (String) get(m, "text");
+    JSONArray t = (JSONArray) get(m, "tokens");
+    this.tokens = new long[t.length()];
+    for (int i = 0; i < tokens.length; i++) tokens[i] = ((Number) JsonText.at(t, i)).longValue();
+    this.promptTokens = number(m, "prompt_tokens").longValue();
+    this.mask = (String) get(m, "mask");
+    this.skipRatio = number(m, "skip_ratio").doubleValue();
+    this.prefillMs = number(m, "prefill_ms").doubleValue();
+    this.decodeMsPerToken = number(m, "decode_ms_per_token").doubleValue();
+    JSONArray d = (JSONArray) get(m, "decode_ms");
+    this.decodeMs = new double[d.length()];
+    for (int i = 0; i < decodeMs.length; i++) decodeMs[i] = ((Number) JsonText.at(d, i)).doubleValue();
+    this.tokensPerS = number(m, "tokens_per_s").doubleValue();
+    this.peakRssMb = number(m, "peak_rss_mb").doubleValue();
+    this.threads = number(m, "threads").longValue();
+    this.backend = (String) get(m, "backend");
+    this.runner = (String) get(m, "runner");
+    this.bundleSha256 = (String) get(m, "bundle_sha256");
+  }
+
+  private static Object get(JSONObject m, String key) {
+    return JsonText.get(m, key);
+  }
+
+  private static Number number(JSONObject m, String key) {
+    return (Number) get(m, key);
   }
 
   /** Parses and validates one run-result object; throws {@link IllegalArgumentException} naming the problem. */
   public static RunResult parse(String json) {
-    Map<String, Object> m = Json.parseObject(json);
+    JSONObject m = JsonText.parseObject(json, "run result");
     validate(m);
     return new RunResult(json, m);
   }
 
   /** Contract check of a parsed run result (keys, types, ranges, internal consistency). */
-  public static void validate(Map<String, Object> m) {
+  public static void validate(JSONObject m) {
     List<String> missing = new ArrayList<>();
-    for (String k : KEYS) if (!m.containsKey(k)) missing.add(k);
+    for (String k : KEYS) if (!m.has(k)) missing.add(k);
     if (!missing.isEmpty()) throw new IllegalArgumentException("run result lacks keys " + String.join(", ", missing));
     for (String k : new String[] {"text", "mask", "backend", "runner", "bundle_sha256"}) {
-      if (!(m.get(k) instanceof String)) throw new IllegalArgumentException("run result: " + k + " must be a string");
+      if (!(get(m, k) instanceof String)) throw new IllegalArgumentException("run result: " + k + " must be a string");
     }
     for (String k : new String[] {"prompt_tokens", "threads"}) {
-      if (!Json.isInt(m.get(k)) || ((Number) m.get(k)).longValue() < 0) {
+      if (!JsonText.isInt(get(m, k)) || number(m, k).longValue() < 0) {
         throw new IllegalArgumentException("run result: " + k + " must be a non-negative integer");
       }
     }
     for (String k : new String[] {"skip_ratio", "prefill_ms", "decode_ms_per_token", "tokens_per_s", "peak_rss_mb"}) {
-      Object v = m.get(k);
+      Object v = get(m, k);
       if (!(v instanceof Number) || ((Number) v).doubleValue() < 0) {
         throw new IllegalArgumentException("run result: " + k + " must be a non-negative number");
       }
     }
-    Object toks = m.get("tokens");
-    if (!(toks instanceof List)) throw new IllegalArgumentException("run result: tokens must be a list");
-    for (Object x : (List<?>) toks) {
-      if (!Json.isInt(x)) throw new IllegalArgumentException("run result: tokens must be integers");
+    Object toks = get(m, "tokens");
+    if (!(toks instanceof JSONArray)) throw new IllegalArgumentException("run result: tokens must be a list");
+    for (int i = 0; i < ((JSONArray) toks).length(); i++) {
+      if (!JsonText.isInt(JsonText.at((JSONArray) toks, i))) {
+        throw new IllegalArgumentException("run result: tokens must be integers");
+      }
     }
-    Object dms = m.get("decode_ms");
-    if (!(dms instanceof List)) throw new IllegalArgumentException("run result: decode_ms must be a list");
-    for (Object x : (List<?>) dms) {
-      if (!(x instanceof Number)) throw new IllegalArgumentException("run result: decode_ms must be numbers");
+    Object dms = get(m, "decode_ms");
+    if (!(dms instanceof JSONArray)) throw new IllegalArgumentException("run result: decode_ms must be a list");
+    for (int i = 0; i < ((JSONArray) dms).length(); i++) {
+      if (!(JsonText.at((JSONArray) dms, i) instanceof Number)) {
+        throw new IllegalArgumentException("run result: decode_ms must be numbers");
+      }
     }
-    String mask = (String) m.get("mask");
-    if (mask.isEmpty() || !mask.matches("[01]+")) {
+    String mask = (String) get(m, "mask");
+    if (!MaskFormat.isBits(mask)) {
       throw new IllegalArgumentException("run result: mask must be a non-empty 0/1 string");
     }
-    double ratio = ((Number) m.get("skip_ratio")).doubleValue();
+    double ratio = number(m, "skip_ratio").doubleValue();
     if (Math.abs(ratio - MaskFormat.skipRatio(mask)) > 1e-9) {
       throw new IllegalArgumentException("run result: skip_ratio " + ratio + " does not match mask " + mask);
     }
-    String backend = (String) m.get("backend");
+    String backend = (String) get(m, "backend");
     if (!backend.equals("executorch") && !backend.equals("onnx")) {
       throw new IllegalArgumentException("run result: backend must be executorch or onnx");
     }
-    String runner = (String) m.get("runner");
+    String runner = (String) get(m, "runner");
     if (!runner.equals("python") && !runner.equals("native") && !runner.equals("android")) {
       throw new IllegalArgumentException("run result: runner must be python, native or android");
     }
-    if (!((String) m.get("bundle_sha256")).matches("[0-9a-f]{64}")) {
+    if (!((String) get(m, "bundle_sha256")).matches("[0-9a-f]{64}")) {
       throw new IllegalArgumentException("run result: bundle_sha256 must be 64 lowercase hex digits");
     }
   }
