@@ -36,6 +36,15 @@ from .adbd import LoopbackAdbd
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "android_demo"
 LOGIC_SRC = DEMO / "logic" / "src" / "main" / "java"
+#: org.json, built into Android; on the desktop the Debian package libandroid-json-java (the same classes)
+ORG_JSON = Path("/usr/share/java/com.android.json.jar")
+
+
+def org_json_jar() -> Path:
+    if not ORG_JSON.is_file():
+        raise FakeAndroidError(f"{ORG_JSON} missing: install the Debian package libandroid-json-java "
+                               "(org.json, which Android has built in)")
+    return ORG_JSON
 JNI_SRC = DEMO / "app" / "src" / "main" / "cpp"
 CORE_SRC = REPO / "device_bench" / "runner" / "core"
 SHIM = Path(__file__).resolve().parent / "fake_android_shim.py"
@@ -99,7 +108,8 @@ def logic_classes(cache: Path | None = None) -> Path:
         return dest
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-logic-", dir=root))
-    res = subprocess.run([javac, "--release", "11", "-Xlint:all", "-Werror", "-d", str(tmp), *map(str, sources)],
+    res = subprocess.run([javac, "--release", "11", "-Xlint:all", "-Werror", "-cp", str(org_json_jar()), "-d", str(tmp),
+                          *map(str, sources)],
                          capture_output=True, text=True, timeout=600)
     if res.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -166,7 +176,7 @@ class FakeApp:
 
     def _write_config(self) -> None:
         cfg = {"package": self.package, "files_dir": str(self.files_dir), "installed": self._installed,
-               "java": shutil.which("java") or "java", "classes": str(self.classes),
+               "java": shutil.which("java") or "java", "classes": str(self.classes), "org_json": str(org_json_jar()),
                "jni_dir": str(self.jni_lib.parent)}
         (self.state / "config.json").write_text(json.dumps(cfg, indent=2))
 

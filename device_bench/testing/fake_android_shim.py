@@ -4,7 +4,7 @@ Standard library only (it runs for every ``adb shell am ...`` and must start fas
 :mod:`firstkit.device_bench.testing.fake_android`, which writes ``STATE/config.json``:
 
     {"package": "org.firstkit.demo", "files_dir": "...", "installed": true, "java": "java",
-     "classes": "<compiled android_demo/logic>", "jni_dir": "<dir of libfirstkit_jni.so>"}
+     "classes": "<compiled android_demo/logic>", "org_json": "<org.json jar>", "jni_dir": "<dir of libfirstkit_jni.so>"}
 
 ``am start [-S] [-W] -n PKG/.BenchmarkActivity -e KEY VALUE ...`` does what Android does for the app: creates
 the external files directory (getExternalFilesDir) and the bundle store, then starts "the app process" in the
@@ -185,7 +185,8 @@ def app_process(state: Path, fired: dict, extras: dict[str, str]) -> int:
         extras = dict(extras, out=str(private))
         if fired.get("crash"):
             extras["runs"] = str(min(int(extras.get("runs", "1")), fired["crash_after_runs"]))
-    argv = [cfg.get("java", "java"), "-cp", cfg["classes"], f"-Djava.library.path={cfg['jni_dir']}",
+    argv = [cfg.get("java", "java"), "-cp", cfg["classes"] + os.pathsep + cfg["org_json"],
+            f"-Djava.library.path={cfg['jni_dir']}",
             "org.firstkit.demo.logic.LogicTool", "activity", str(files), str(bundles),
             *(f"{k}={v}" for k, v in extras.items())]
     java = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
