@@ -1,20 +1,19 @@
-"""``first-bench --app``: benchmark a bundle through the firstkit demo app (android_demo) instead of the bare runner.
+"""``first-bench --app``: the firstkit demo app (android_demo) as a :class:`~firstkit.device_bench.bench.Target`.
 
 The app's headless entry point is ``BenchmarkActivity`` (android_demo/README.md, "Headless benchmark"): started
 with ``am start -n org.firstkit.demo/.BenchmarkActivity -e KEY VALUE ...`` it appends one run-result JSON line
 per measured run to ``out`` (relative to the app's external files directory) and then writes ``out.done`` =
-``{"ok", "runs", "error"}``. Per device, :func:`bench_app`:
+``{"ok", "runs", "error"}``. The benchmark loop is the native runner's (``bench.bench_target``: settings checked
+against the bundle before anything is pushed, resume, retries, reference tokens, result checks, store); this
+target
 
-1. checks the bundle on the host with the app's own rules (``firstkit.runtime.bundle.validate_manifest``, which
-   the app's Java check equals, plus sizes and sha256 of every listed file), the masks and the prompt lengths;
-2. checks that the app is installed (``pm path``);
-3. pushes every file the manifest lists (the app checks them all) to ``<app dir>/bundles/firstkit-<sha>/``,
-   only those whose sha256 differs on the device, re-hashed after the push;
-4. per configuration (prompt length x threads x mask) removes stale result files, starts the activity with
-   ``am start -S -W`` (a fresh app process, like one runner invocation), polls for ``out.done`` (and that the
-   app process is alive) up to ``--timeout`` (then ``am force-stop``), pulls ``out``, validates every line
-   against ``device_bench/schemas/run_result.schema.json`` and the request, and stores it in the same JSONL store
-   as the native runner, with ``target: "app"``.
+1. ``prepare``: checks that the app is installed (``pm path``) and pushes every file the manifest lists (the app
+   checks them all) to ``<app dir>/bundles/firstkit-<sha>/``, only those whose sha256 differs on the device,
+   re-hashed after the push;
+2. ``run`` (one configuration): removes stale result files, starts the activity with ``am start -S -W`` (a fresh
+   app process, like one runner invocation), polls for ``out.done`` (and that the app process is alive) up to
+   ``--timeout`` (then ``am force-stop``) and pulls ``out``; the loop checks every line against
+   ``device_bench/schemas/run_result.schema.json`` and the request and stores it with ``target: "app"``.
 
 Every shell argument is quoted (:meth:`~firstkit.device_bench.adb.Adb.shell` with a list, ``shlex.quote``).
 """
@@ -24,28 +23,14 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+import uuid
 from pathlib import Path
 
-from . import SCHEMA_PATH
 from .adb import Adb, AdbError
-from .bench import (
-    AdbTarget,
-    BenchError,
-    BenchInterrupted,
-    Bundle,
-    References,
-    Settings,
-    TargetReport,
-    check_masks,
-    check_prompt_fits,
-    check_stop,
-    make_prompt,
-    mask_override,
-    remaining_runs,
-)
-from .store import RECORD_SCHEMA, ResultStore, record_error
+from .bench import AdbDevice, Attempt, BenchError, Bundle, Config, Facts, Job, Log, Orphan, Settings, Target
 
 PACKAGE = "org.firstkit.demo"
 ACTIVITY = ".BenchmarkActivity"
@@ -58,108 +43,50 @@ def default_app_dir(package: str = PACKAGE) -> str:
     return f"/sdcard/Android/data/{package}/files"
 
 
-# ----------------------------------------------------------------------------------------------- result checks
-_TYPES: dict[str, Callable[[object], bool]] = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "boolean": lambda v: isinstance(v, bool),
-    "null": lambda v: v is None,
-    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
-}
+def app_bundle_facts(bundle: Bundle) -> Facts:
+    """The app's view of the bundle. ``load_bundle`` already validated it on the host (the manifest schema that the
+    app's Java check equals, an ExecuTorch program, every listed file's size and sha256)."""
+    m = bundle.manifest
+    model = m["model"]
+    bos = model.get("bos_id")
+    return Facts(int(model["num_layers"]), int(m["max_seq_len"]), int(model["vocab_size"]),
+                 int(bos) if isinstance(bos, int) else -1)
 
 
-def schema_errors(value: object, schema: dict, where: str = "") -> list[str]:
-    """Errors of ``value`` against the JSON-Schema subset run_result.schema.json uses (type, required, properties,
-    items, enum, pattern, minimum, maximum); no dependency on the ``jsonschema`` package."""
-    errs: list[str] = []
-    name = where or "result"
-    t = schema.get("type")
-    if t is not None:
-        types = t if isinstance(t, list) else [t]
-        if not any(_TYPES[x](value) for x in types):
-            return [f"{name}: {json.dumps(value)[:60]} is not of type {' or '.join(types)}"]
-    if "enum" in schema and value not in schema["enum"]:
-        errs.append(f"{name}: {json.dumps(value)[:60]} is not one of {schema['enum']}")
-    if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
-        errs.append(f"{name}: {value[:60]!r} does not match {schema['pattern']}")
-    if _TYPES["number"](value):
-        if "minimum" in schema and value < schema["minimum"]:
-            errs.append(f"{name}: {value} is less than {schema['minimum']}")
-        if "maximum" in schema and value > schema["maximum"]:
-            errs.append(f"{name}: {value} is greater than {schema['maximum']}")
-    if isinstance(value, dict):
-        errs += [f"{name}: missing key {k!r}" for k in schema.get("required", []) if k not in value]
-        for k, sub in schema.get("properties", {}).items():
-            if k in value:
-                errs += schema_errors(value[k], sub, k)
-    if isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for i, x in enumerate(value):
-            errs += schema_errors(x, schema["items"], f"{name}[{i}]")
-    return errs
-
-
-_SCHEMA: dict | None = None
-
-
-def run_result_schema() -> dict:
-    global _SCHEMA
-    if _SCHEMA is None:
-        _SCHEMA = json.loads(Path(SCHEMA_PATH).read_text())
-    return _SCHEMA
-
-
-def check_result(res: object, *, bundle_sha256: str, prompt_len: int, max_new_tokens: int, n_layers: int,
-                 spec: str, threads: int) -> str | None:
-    """Why a result line from the app is unusable, or None: the schema, then that it answers this request."""
-    errs = schema_errors(res, run_result_schema())
-    if errs:
-        return "; ".join(errs[:3])
-    assert isinstance(res, dict)
-    if res["runner"] != "android":
-        return f"runner is {res['runner']!r}, not 'android'"
-    if res["bundle_sha256"] != bundle_sha256:
-        return "bundle_sha256 differs from the host's bundle (another bundle ran)"
-    if res["prompt_tokens"] != prompt_len:
-        return f"prompt_tokens {res['prompt_tokens']}, {prompt_len} were sent"
-    if len(res["mask"]) != n_layers:
-        return f"mask {res['mask']} has {len(res['mask'])} bits, the model has {n_layers} layers"
-    want = {"all": "1" * n_layers, "auto": None}.get(spec, spec)
-    if want is not None and res["mask"] != want:
-        return f"mask {res['mask']} ran, {spec} was asked for"
-    if len(res["tokens"]) != max_new_tokens:
-        return f"{len(res['tokens'])} tokens generated, {max_new_tokens} asked for (EOS ignored)"
-    if res["threads"] is not None and res["threads"] != threads:
-        return f"threads {res['threads']}, {threads} asked for"
-    return None
-
-
-# ----------------------------------------------------------------------------------------------- the device
-class AppTarget(AdbTarget):
+class AppTarget(Target):
     """The demo app on an adb device; files live in the app's external files directory (``app_dir``)."""
+
+    what = "app"
+    result_runner = "android"
+    label = "app, "
 
     def __init__(self, adb: Adb, serial: str, package: str = PACKAGE, app_dir: str | None = None,
                  reconnect_s: float = 20.0, poll_s: float = POLL_S) -> None:
-        super().__init__(adb, serial, reconnect_s=reconnect_s)
+        self.dev = AdbDevice(adb, serial, reconnect_s)
+        self.name = serial
         self.package = package
         self.app_dir = (app_dir or default_app_dir(package)).rstrip("/") or "/"
         self.runner_target = APP_TARGET
         self.poll_s = poll_s
         self.abi = ""
         self.apk = ""
-        self.out_rel = f"firstkit-bench-{self.session.removeprefix('session-')}.jsonl"
+        self.out_rel = f"firstkit-bench-{uuid.uuid4().hex[:12]}.jsonl"
         self._bundle_dir: str | None = None
+        self._bundle_name = ""
+        self._aborted = threading.Event()
 
     @property
     def out(self) -> str:
         return f"{self.app_dir}/{self.out_rel}"
 
-    def probe(self) -> None:
-        super().probe()  # online, ABI, model
-        self.abi = self.props.get("abi") or self.props.get("machine") or ""
-        self.runner_target = APP_TARGET
-        r = self.adb.shell(["pm", "path", self.package], timeout=60)
+    # -- the Target interface
+    def prepare(self, bundle: Bundle, s: Settings, log: Log) -> Facts:
+        """The device online, the app installed, every file the manifest lists in the app's bundle store."""
+        facts = app_bundle_facts(bundle)
+        props = self.dev.probe()
+        self.abi = props.get("abi") or props.get("machine") or ""
+        self.model = self.dev.model()
+        r = self.dev.adb.shell(["pm", "path", self.package], timeout=60)
         apks = [ln.strip()[len("package:"):] for ln in r.stdout.splitlines() if ln.strip().startswith("package:")]
         if r.returncode == 127 or "not found" in r.stderr:
             raise BenchError(f"{self.name}: no 'pm' on the device: --app needs an Android device with the firstkit "
@@ -169,34 +96,88 @@ class AppTarget(AdbTarget):
                              f"(pm path {self.package} found nothing); build android_demo and install it: "
                              "adb install -r app-debug.apk (android_demo/README.md)")
         self.apk = apks[0]
+        self._bundle_name = self._push_bundle(bundle, ["manifest.json", *sorted(bundle.manifest["files"])], log)
+        log(f"{self.name}: {self.package} ({self.apk}), bundle {self._bundle_name}")
+        facts.record = {"runner_key": f"app:{self.package}", "app_package": self.package, "device_abi": self.abi}
+        return facts
 
-    def prepare_bundle(self, bundle: Bundle, files: list[str], log: Callable[[str], None]) -> str:
+    def orphans(self, log: Log) -> list[Orphan]:
+        """None: an earlier session's result file holds no description of its request (a rerun measures again)."""
+        return []
+
+    def run(self, job: Job, s: Settings, log: Log) -> Attempt:
+        """One ``am start`` of the benchmark activity for the job, then its result lines."""
+        cfg = job.cfg
+        extras = [("bundle", self._bundle_name), ("prompt_ids", ",".join(map(str, job.prompt))),
+                  ("max_new_tokens", str(cfg.max_new_tokens)), ("threads", str(cfg.threads)), ("mask", cfg.mask),
+                  ("warmup", str(job.warmup)), ("runs", str(job.runs)),
+                  ("ignore_eos", "true"), ("verify", "false"),  # sha256 checked after the push, sizes by the app
+                  ("out", self.out_rel)]
+        self._remove_outputs()
+        self._start(extras)
+        state, status = self._wait(s.timeout, log, s.stop)
+        err, retry = None, True
+        if state == "interrupted":
+            self._force_stop()
+            err = "the app was force-stopped"
+        elif state == "timeout":
+            self._force_stop()
+            err = f"the app did not finish within {s.timeout:.0f} s (hung?) and was force-stopped"
+        elif state == "dead":
+            err = "the app process died before finishing (crash? see adb logcat -s firstkit AndroidRuntime:E)"
+        elif status is not None and not status["ok"]:
+            err, retry = f"the app reported: {status.get('error') or 'failure without a message'}", False
+        return Attempt(self._results() or [], complete=state == "done", error=err, retry=retry,
+                       interrupted=state == "interrupted",
+                       reported_runs=status.get("runs") if state == "done" and status is not None else None,
+                       files=self._outputs())
+
+    def discard(self, attempt: Attempt) -> None:
+        try:
+            self.dev.adb.shell(["rm", "-f", *attempt.files], timeout=30)
+        except AdbError:
+            pass  # removed before the next start and at the end
+
+    def profile(self, cfg: Config, prompt: list[int], s: Settings, log: Log) -> dict:
+        raise BenchError("--profile is for the native runner; the app (--app) records no ETDump traces")
+
+    def abort(self) -> None:
+        self._aborted.set()  # _wait sees it within one poll and force-stops the app
+
+    def close(self, purge: bool) -> None:
+        try:
+            self.dev.adb.shell(["rm", "-f", *self._outputs()], timeout=60, check=True)
+            if purge and self._bundle_dir:
+                self.dev.adb.shell(["rm", "-rf", self._bundle_dir], timeout=120, check=True)
+        except AdbError as e:
+            raise BenchError(f"device {self.name}: could not clean up {self.app_dir}: {e}") from e
+
+    # -- the app
+    def _push_bundle(self, bundle: Bundle, files: list[str], log: Log) -> str:
         """Push the bundle under the app's bundle store; returns its name there (the ``bundle`` extra)."""
         name = f"firstkit-{bundle.sha256[:16]}"
         remote = f"{self.app_dir}/bundles/{name}"
         self._bundle_dir = remote
-        self.adb.shell(["mkdir", "-p", remote], timeout=30, check=True)
+        self.dev.adb.shell(["mkdir", "-p", remote], timeout=30, check=True)
         try:
-            n = self._sync(bundle.path, files, remote, log)
+            n = self.dev.sync(bundle.path, files, remote, log)
         except AdbError as e:
-            try:  # never leave a half-pushed bundle behind: it would look cached next time
-                self.adb.shell(["rm", "-rf", remote], timeout=60)
-            except AdbError:
-                pass
-            hint = " (device storage full: free space or run with --purge)" if "space" in str(e).lower() else ""
-            raise BenchError(f"device {self.name}: {e}{hint}; half-pushed bundle removed") from e
+            raise self.dev.clean_push_failure(e, [remote], "half-pushed bundle removed") from e
         log(f"{remote}: {n} file(s) pushed, {len(files) - n} unchanged")
         return name
 
-    def remove_outputs(self) -> None:
-        self.adb.shell(["rm", "-f", self.out, f"{self.out}.done", f"{self.out}.done.tmp"], timeout=30, check=True)
+    def _outputs(self) -> list[str]:
+        return [self.out, f"{self.out}.done", f"{self.out}.done.tmp"]
 
-    def start(self, extras: list[tuple[str, str]]) -> str:
+    def _remove_outputs(self) -> None:
+        self.dev.adb.shell(["rm", "-f", *self._outputs()], timeout=30, check=True)
+
+    def _start(self, extras: list[tuple[str, str]]) -> str:
         """``am start -S -W`` the benchmark activity; raises BenchError when Android refuses."""
         argv = ["am", "start", "-S", "-W", "-n", f"{self.package}/{ACTIVITY}"]
         for k, v in extras:
             argv += ["-e", k, v]
-        r = self.adb.shell(argv, timeout=120)
+        r = self.dev.adb.shell(argv, timeout=120)
         text = (r.stdout + "\n" + r.stderr).strip()
         bad = [ln.strip() for ln in text.splitlines() if re.match(r"\s*(Error|Exception|java\.)", ln)]
         if r.returncode != 0 or bad:
@@ -204,13 +185,13 @@ class AppTarget(AdbTarget):
             raise BenchError(f"am start {self.package}/{ACTIVITY} failed: {msg}")
         return text
 
-    def poll(self) -> tuple[str, dict | None]:
+    def _poll(self) -> tuple[str, dict | None]:
         """One look: ("done", status) | ("running", None) | ("dead", None) (no app process, no status file)."""
         done, pkg = shlex.quote(f"{self.out}.done"), shlex.quote(self.package)
         script = (f"if [ -f {done} ]; then cat {done}; exit 0; fi; "
                   f"if command -v pidof >/dev/null 2>&1 && ! pidof {pkg} >/dev/null 2>&1; "
                   "then echo FIRSTKIT_APP_DEAD; else echo FIRSTKIT_APP_RUNNING; fi")
-        r = self.adb.shell(script, timeout=60)
+        r = self.dev.adb.shell(script, timeout=60)
         text = r.stdout.strip()
         if text.startswith("{"):
             try:
@@ -222,21 +203,21 @@ class AppTarget(AdbTarget):
             return "done", status
         return ("dead", None) if "FIRSTKIT_APP_DEAD" in text else ("running", None)
 
-    def wait(self, timeout: float, log: Callable[[str], None], stop=None) -> tuple[str, dict | None]:
-        """Poll until the status file appears, the app process is gone, ``timeout`` s pass or ``stop`` is set
+    def _wait(self, timeout: float, log: Log, stop: threading.Event | None) -> tuple[str, dict | None]:
+        """Poll until the status file appears, the app process is gone, ``timeout`` s pass or a stop is requested
         (state ``interrupted``)."""
         deadline = time.monotonic() + timeout
         dead = 0
         while True:
-            if stop is not None and stop.is_set():
+            if self._aborted.is_set() or (stop is not None and stop.is_set()):
                 return "interrupted", None
             try:
-                state, status = self.poll()
+                state, status = self._poll()
             except AdbError as e:
                 if e.kind not in ("offline", "timeout"):
                     raise
                 log(f"{self.name}: device disconnected while the app runs; reconnecting")
-                if not self.recover():
+                if not self.dev.recover():
                     raise BenchError(f"{self.name}: device disconnected during the run and did not come back; "
                                      "rerun to resume") from e
                 log(f"{self.name}: reconnected, the app kept running")
@@ -250,170 +231,21 @@ class AppTarget(AdbTarget):
                 return "timeout", None
             time.sleep(self.poll_s)
 
-    def force_stop(self) -> None:
+    def _force_stop(self) -> None:
         try:
-            self.adb.shell(["am", "force-stop", self.package], timeout=60)
+            self.dev.adb.shell(["am", "force-stop", self.package], timeout=60)
         except AdbError:
             pass
 
-    def abort(self) -> None:
-        pass  # wait() sees the stop request within one poll and force-stops the app
-
-    def results(self) -> list[str] | None:
+    def _results(self) -> list[str] | None:
         """The lines of ``out`` (None when the app wrote none)."""
-        import tempfile
-
-        r = self.adb.shell(f"test -f {shlex.quote(self.out)}", timeout=30)
+        r = self.dev.adb.shell(f"test -f {shlex.quote(self.out)}", timeout=30)
         if r.returncode != 0:
             return None
         with tempfile.TemporaryDirectory() as td:
             local = Path(td) / "out.jsonl"
-            self.adb.pull(self.out, str(local))
+            self.dev.adb.pull(self.out, str(local))
             return local.read_text(encoding="utf-8", errors="replace").splitlines()
 
-    def cleanup(self, purge: bool) -> None:
-        paths = [self.out, f"{self.out}.done", f"{self.out}.done.tmp"]
-        try:
-            self.adb.shell(["rm", "-f", *paths], timeout=60, check=True)
-            if purge and self._bundle_dir:
-                self.adb.shell(["rm", "-rf", self._bundle_dir], timeout=120, check=True)
-        except AdbError as e:
-            raise BenchError(f"device {self.name}: could not clean up {self.app_dir}: {e}") from e
 
-
-# ----------------------------------------------------------------------------------------------- the benchmark
-def app_bundle_facts(bundle: Bundle) -> dict:
-    """The app's view of the bundle. ``load_bundle`` already validated it on the host (the manifest schema that the
-    app's Java check equals, an ExecuTorch program, every listed file's size and sha256)."""
-    m = bundle.manifest
-    model = m["model"]
-    bos = model.get("bos_id")
-    return {"num_layers": int(model["num_layers"]), "max_seq_len": int(m["max_seq_len"]),
-            "vocab_size": int(model["vocab_size"]), "bos_id": int(bos) if isinstance(bos, int) else -1,
-            "files": ["manifest.json", *sorted(m["files"])],
-            "protected": [int(i) for i in m["routing"]["protected_layers"]]}
-
-
-def bench_app(target: AppTarget, bundle: Bundle, s: Settings, store: ResultStore, refs: References | None,
-              log: Callable[[str], None], progress: Callable[[int], None] | None = None) -> TargetReport:
-    """Every configuration that is not complete in the store, through the app on one device."""
-    rep = TargetReport(target.name)
-    try:
-        facts = app_bundle_facts(bundle)
-        n_layers = facts["num_layers"]
-        check_masks(s.masks, n_layers, facts["protected"])
-        for plen in s.prompt_lengths:
-            check_prompt_fits(plen, s.max_new_tokens, facts["max_seq_len"])
-        target.probe()
-        name = target.prepare_bundle(bundle, facts["files"], log)
-        log(f"{target.name}: {target.package} ({target.apk}), bundle {name}")
-        done = store.counts()
-        base_rec = {"schema": RECORD_SCHEMA, "device": target.name, "device_model": target.model,
-                    "target": APP_TARGET, "emulated": False, "bundle_sha256": bundle.sha256,
-                    "runner_key": f"app:{target.package}", "app_package": target.package, "device_abi": target.abi,
-                    "max_new_tokens": s.max_new_tokens, "warmup": s.warmup}
-        for plen in s.prompt_lengths:
-            prompt = make_prompt(bundle, plen, facts["vocab_size"], facts["bos_id"], s.prompt_text)
-            for th in s.threads:
-                for spec in s.masks:
-                    check_stop(s)
-                    rec0 = {**base_rec, "mask_spec": spec, "prompt_len": plen, "threads": th}
-                    remaining = remaining_runs(s, rec0, done, rep, progress)
-                    if remaining <= 0:
-                        continue
-                    expected = refs.tokens(prompt, s.max_new_tokens, mask_override(spec, n_layers)) if refs else None
-                    err = _run_app_config(target, s, store, rec0, name, prompt, n_layers, remaining, expected, rep,
-                                          log, progress)
-                    if err:
-                        rep.errors.append(f"{target.name}: app, mask {spec}, pp {plen}, {th} threads: {err}")
-    except (BenchError, AdbError) as e:
-        rep.interrupted = isinstance(e, BenchInterrupted)
-        msg = str(e)
-        rep.errors.append(msg if msg.startswith(target.name) else f"{target.name}: {msg}")
-    finally:
-        try:
-            target.cleanup(s.purge)
-        except (BenchError, AdbError) as e:
-            rep.errors.append(str(e))
-    return rep
-
-
-def _run_app_config(target: AppTarget, s: Settings, store: ResultStore, rec0: dict, bundle_name: str,
-                    prompt: list[int], n_layers: int, remaining: int, expected: list[int] | None, rep: TargetReport,
-                    log: Callable[[str], None], progress: Callable[[int], None] | None) -> str | None:
-    """Measured runs of one configuration through the app, with retries after a hang or a crash."""
-    spec, plen, threads = rec0["mask_spec"], rec0["prompt_len"], rec0["threads"]
-    attempt, last_err, last_retry = 0, None, False
-    run_index = s.runs - remaining
-    while remaining > 0 and attempt <= s.retries:
-        extras = [("bundle", bundle_name), ("prompt_ids", ",".join(map(str, prompt))),
-                  ("max_new_tokens", str(s.max_new_tokens)), ("threads", str(threads)), ("mask", spec),
-                  ("warmup", str(s.warmup if attempt == 0 else 0)), ("runs", str(remaining)),
-                  ("ignore_eos", "true"), ("verify", "false"),  # sha256 checked after the push, sizes by the app
-                  ("out", target.out_rel)]
-        target.remove_outputs()
-        target.start(extras)
-        state, status = target.wait(s.timeout, log, s.stop)
-        err, retry = None, False
-        if state == "interrupted":
-            target.force_stop()
-            err = "interrupted"
-        elif state == "timeout":
-            target.force_stop()
-            err, retry = f"the app did not finish within {s.timeout:.0f} s (hung?) and was force-stopped", True
-        elif state == "dead":
-            err, retry = ("the app process died before finishing (crash? see adb logcat -s firstkit "
-                          "AndroidRuntime:E)"), True
-        elif status is not None and not status["ok"]:
-            err = f"the app reported: {status.get('error') or 'failure without a message'}"
-        lines = target.results() or []
-        recs = []
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                res = json.loads(line)
-            except json.JSONDecodeError:
-                if i == len(lines) - 1 and state != "done":
-                    continue  # the line a killed app was writing
-                return f"malformed result from the app (line {i + 1} of {target.out_rel} is not JSON); nothing stored"
-            why = check_result(res, bundle_sha256=rec0["bundle_sha256"], prompt_len=plen,
-                               max_new_tokens=s.max_new_tokens, n_layers=n_layers, spec=spec, threads=threads)
-            if why:
-                return f"malformed result from the app (line {i + 1}): {why}; nothing stored"
-            match = None if expected is None else (res["tokens"] == expected)
-            rec = {**rec0, "run_index": run_index + len(recs), "result": res, "tokens_match": match,
-                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            why = record_error(rec)  # what the store accepts on read (strict integers)
-            if why:
-                return f"malformed result from the app (line {i + 1}): {why}; nothing stored"
-            recs.append(rec)
-        if state == "done" and status is not None and status.get("runs") != len(recs):
-            return (f"malformed result from the app: the status says {status.get('runs')} run(s), "
-                    f"{len(recs)} line(s) were written; nothing stored")
-        got = store.append(recs[:remaining])
-        rep.new_runs += got
-        remaining -= got
-        run_index += got
-        if progress and got:
-            progress(got)
-        if state == "interrupted":
-            raise BenchInterrupted(f"{target.name}: interrupted during app, mask {spec}, pp {plen}, {threads} "
-                                   f"threads: the app was force-stopped, {got} finished run(s) stored; rerun to resume")
-        if err is None and remaining > 0:
-            err = f"the app finished without writing {remaining} run(s)"
-        if err:
-            last_err, last_retry = err, retry
-            log(f"{target.name}: app, mask {spec}: {err}" + (f" ({got} finished run(s) kept)" if got else ""))
-            if not retry:
-                break
-            attempt += 1
-    if remaining > 0:
-        if progress:
-            progress(remaining)
-        return f"{last_err}; {remaining} run(s) missing" + (" (rerun to resume)" if last_retry else "")
-    return None
-
-
-__all__ = ["ACTIVITY", "APP_TARGET", "PACKAGE", "AppTarget", "app_bundle_facts", "bench_app", "check_result",
-           "default_app_dir", "schema_errors"]
+__all__ = ["ACTIVITY", "APP_TARGET", "PACKAGE", "AppTarget", "app_bundle_facts", "default_app_dir"]

@@ -4,6 +4,10 @@ the firstkit demo app (``--app``) on Android devices.
     first-bench BUNDLE [--device SERIAL ...|--all-devices|--local] [--runs N] [--warmup N]
                 [--masks auto,all,BITS...] [--prompt-lengths ...] [--threads ...] [--out results.jsonl]
                 [--json] [--profile] [--app [--app-package PKG] [--app-dir DIR]]
+
+click declares the options; :func:`invocation` turns them into one :class:`Invocation` (where to run, where
+results go, and the :class:`~firstkit.device_bench.bench.Settings` that expand into the configurations), and
+:func:`run` runs the one benchmark loop (``bench.bench_targets``) and prints the table.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -24,15 +28,17 @@ import click
 from firstkit.mask_spec import MASK_SPEC_HELP, is_mask_spec
 
 from .adb import Adb, AdbError
-from .app_target import APP_TARGET, PACKAGE, AppTarget, bench_app
+from .app_target import APP_TARGET, PACKAGE, AppTarget
 from .bench import (
     AdbTarget,
     BenchError,
+    Bundle,
     LocalTarget,
     References,
     Settings,
     Target,
-    bench_target,
+    TargetReport,
+    bench_targets,
     check_masks,
     load_bundle,
 )
@@ -140,71 +146,102 @@ def _clean(v):
 @click.option("--app-dir", default=None,
               help="The app's external files directory on the device, where bundles are pushed and results "
                    "written (with --app) [/sdcard/Android/data/<package>/files].")
-def main(bundle: str, devices: tuple[str, ...], all_devices: bool, local: bool, runs: int, warmup: int,
-         masks: tuple[str, ...], prompt_lengths: tuple[str, ...], threads_opt: tuple[str, ...], max_new_tokens: int,
-         out_path: str, as_json: bool, profile: bool, timeout: float, retries: int, plots: bool, reference: bool,
-         device_dir: str | None, runner_dir: str | None, purge: bool, prompt_text: str | None,
-         adb_path: str | None, cache_dir: str | None, use_app: bool, app_package: str, app_dir: str | None) -> None:
+def main(**options) -> None:
     """Benchmark BUNDLE (a first-export bundle) base vs layer skipping with the native runner (or the demo app)."""
-    from tqdm import tqdm
+    code = run(invocation(options))
+    if code:
+        sys.exit(code)
 
+
+@dataclass
+class Invocation:
+    """Every first-bench option, grouped: the bundle, where to run, where results go, and the benchmark settings."""
+
+    bundle: str
+    settings: Settings
+    devices: list[str] = field(default_factory=list)
+    all_devices: bool = False
+    local: bool = False
+    adb_path: str | None = None
+    device_dir: str | None = None
+    app: bool = False
+    app_package: str = PACKAGE
+    app_dir: str | None = None
+    out_path: str = "results.jsonl"
+    as_json: bool = False
+    plots: bool = True
+    added_all: bool = False  # 'all' was not asked for and is measured anyway (the speedup baseline)
+
+    def table_settings(self, b: Bundle) -> dict[str, object]:
+        """The settings every row of the table shares (the rows show the others themselves)."""
+        out: dict[str, object] = {"bundle": b.path.name, "warmup": self.settings.warmup}
+        if self.app:
+            out["app"] = self.app_package
+        return out
+
+    def table_notes(self, b: Bundle) -> list[str]:
+        notes = [f"bundle {b.path} (manifest sha256 {b.sha256[:12]}), results in {self.out_path}"]
+        if self.added_all:
+            notes.append("mask 'all' was added to --masks: it is the speedup baseline")
+        return notes
+
+
+def invocation(o: dict) -> Invocation:
+    """The one place where click's option values become an :class:`Invocation`; usage errors are raised here,
+    before the bundle is read."""
+    devices, all_devices, local, use_app = list(dict.fromkeys(o["devices"])), o["all_devices"], o["local"], o["use_app"]
     if not (devices or all_devices or local):
         raise click.UsageError("say where to run: --device SERIAL, --all-devices or --local")
     if use_app:
         if not (devices or all_devices):
             raise click.UsageError("--app drives the app on adb devices: add --device SERIAL or --all-devices")
-        for flag, given in (("--profile", profile), ("--runner-dir", runner_dir), ("--device-dir", device_dir)):
+        for flag, given in (("--profile", o["profile"]), ("--runner-dir", o["runner_dir"]),
+                            ("--device-dir", o["device_dir"])):
             if given:
                 raise click.UsageError(f"{flag} is for the native runner; the app (--app) does not use it")
-    elif app_dir is not None or app_package != PACKAGE:
+    elif o["app_dir"] is not None or o["app_package"] != PACKAGE:
         raise click.UsageError("--app-dir and --app-package need --app")
-    if prompt_text is not None:
+    if o["prompt_text"] is not None:
         from firstkit.runtime.runner import check_text
 
         try:
-            check_text(prompt_text, "--prompt")
+            check_text(o["prompt_text"], "--prompt")
         except ValueError as e:
             raise click.BadParameter(str(e).removeprefix("--prompt "), param_hint="--prompt") from None
-    mask_list = _csv(masks)
-    for m in mask_list:
+    masks = _csv(o["masks"])
+    for m in masks:
         if not is_mask_spec(m):
             raise click.BadParameter(f"{m!r}: use {MASK_SPEC_HELP}", param_hint="--masks")
-    added_all = "all" not in mask_list
+    added_all = "all" not in masks
     if added_all:
-        mask_list.insert(0, "all")  # the speedup baseline
-    mask_list = list(dict.fromkeys(mask_list))
-    stop = threading.Event()
-    settings = Settings(runs=runs, warmup=warmup, masks=mask_list, stop=stop,
-                        prompt_lengths=_ints(prompt_lengths, "--prompt-lengths", 1),
-                        threads=_ints(threads_opt, "--threads", 1), max_new_tokens=max_new_tokens, timeout=timeout,
-                        retries=retries, profile=profile, reference=reference, purge=purge, prompt_text=prompt_text,
-                        runner_dir=runner_dir, cache_dir=cache_dir,
-                        profile_dir=str(Path(out_path).with_suffix("")) + "_profiles")
-    try:
-        b = load_bundle(bundle)
-        if b.num_layers is not None:  # bad masks fail before anything is pushed
-            check_masks(mask_list, b.num_layers, b.protected)
-        store = ResultStore(out_path)
-        store.lock_writer()  # one first-bench per store: a second would measure everything again, concurrently
-        click.get_current_context().call_on_close(store.close)
-        store.records()  # a malformed record is reported now, before anything runs
-    except (BenchError, ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+        masks.insert(0, "all")  # the speedup baseline
+    out_path = o["out_path"]
+    settings = Settings(runs=o["runs"], warmup=o["warmup"], masks=list(dict.fromkeys(masks)),
+                        prompt_lengths=_ints(o["prompt_lengths"], "--prompt-lengths", 1),
+                        threads=_ints(o["threads_opt"], "--threads", 1), max_new_tokens=o["max_new_tokens"],
+                        timeout=o["timeout"], retries=o["retries"], profile=o["profile"], reference=o["reference"],
+                        purge=o["purge"], prompt_text=o["prompt_text"], runner_dir=o["runner_dir"],
+                        cache_dir=o["cache_dir"], profile_dir=str(Path(out_path).with_suffix("")) + "_profiles",
+                        stop=threading.Event())
+    return Invocation(bundle=o["bundle"], settings=settings, devices=devices, all_devices=all_devices, local=local,
+                      adb_path=o["adb_path"], device_dir=o["device_dir"], app=use_app, app_package=o["app_package"],
+                      app_dir=o["app_dir"], out_path=out_path, as_json=o["as_json"], plots=o["plots"],
+                      added_all=added_all)
 
+
+def _targets(inv: Invocation) -> list[Target]:
+    """The adb devices (connected, online) and this host, as benchmark targets."""
     targets: list[Target] = []
-    if devices or all_devices:
+    if inv.devices or inv.all_devices:
         try:
-            adb = Adb(adb_path)
+            adb = Adb(inv.adb_path)
             adb.start_server()
-            serials = list(dict.fromkeys(devices))
+            serials = list(inv.devices)
             for s in serials:
                 if ":" in s:
-                    try:
-                        adb.connect(s)
-                    except AdbError as e:
-                        raise click.ClickException(str(e)) from e
+                    adb.connect(s)
             listed = adb.devices()
-            if all_devices:
+            if inv.all_devices:
                 serials += [d["serial"] for d in listed if d["state"] == "device" and d["serial"] not in serials]
                 if not serials:
                     raise click.ClickException("no online adb device (adb devices lists none)")
@@ -212,66 +249,46 @@ def main(bundle: str, devices: tuple[str, ...], all_devices: bool, local: bool, 
             for s in serials:
                 if states.get(s) != "device":
                     raise click.ClickException(f"device {s} is {states.get(s, 'not connected')} (see adb devices)")
-            if use_app:
-                targets += [AppTarget(adb, s, app_package, app_dir) for s in serials]
-            else:
-                targets += [AdbTarget(adb, s, device_dir, runner_dir) for s in serials]
         except AdbError as e:
             raise click.ClickException(str(e)) from e
-    if local:
+        if inv.app:
+            targets += [AppTarget(adb, s, inv.app_package, inv.app_dir) for s in serials]
+        else:
+            targets += [AdbTarget(adb, s, inv.device_dir) for s in serials]
+    if inv.local:
         targets.append(LocalTarget())
+    return targets
+
+
+def run(inv: Invocation) -> int:
+    """Check the bundle and the store, run every target, print the table (and plots, profiles); the exit status."""
+    s = inv.settings
+    try:
+        b = load_bundle(inv.bundle)
+        check_masks(s.masks, b.num_layers, b.protected)  # bad masks fail before anything is pushed
+        store = ResultStore(inv.out_path)
+        store.lock_writer()  # one first-bench per store: a second would measure everything again, concurrently
+        click.get_current_context().call_on_close(store.close)
+        store.records()  # a malformed record is reported now, before anything runs
+    except (BenchError, ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    targets = _targets(inv)
+
+    from tqdm import tqdm
 
     def log(msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
 
-    refs = References(b) if reference else None
-    n_cfg = len(settings.masks) * len(settings.prompt_lengths) * len(settings.threads)
-    bars = {t.name: tqdm(total=n_cfg * runs, desc=t.name, position=i, unit="run", file=sys.stderr, leave=False,
-                         disable=None) for i, t in enumerate(targets)}
-    lock = threading.Lock()
-
-    def work(t: Target):
-        def prog(n: int) -> None:
-            with lock:
-                bars[t.name].update(n)
-        if isinstance(t, AppTarget):
-            return bench_app(t, b, settings, store, refs, log, prog)
-        return bench_target(t, b, settings, store, refs, log, prog)
-
-    with stop_on_signals(stop, log) as signals, ThreadPoolExecutor(max_workers=max(1, len(targets))) as pool:
-        futures = [pool.submit(work, t) for t in targets]
-        while wait(futures, timeout=0.5).not_done:
-            if stop.is_set():  # kill what runs now on every target (again: a runner may start in between)
-                for t in targets:
-                    t.abort()
-        reports = [f.result() for f in futures]
-    for bar in bars.values():
-        bar.close()
-
-    # native and app rows of one device stay apart (a target whose probe failed: its native rows, as before)
-    measured = {(t.name, t.runner_target or None) for t in targets}
-
-    def shown(r: dict) -> bool:
-        return (r["device"], r.get("target")) in measured or (
-            (r["device"], None) in measured and r.get("target") != APP_TARGET)
-
+    refs = References(b) if s.reference else None
+    assert s.stop is not None
+    with stop_on_signals(s.stop, log) as signals:
+        reports = bench_targets(targets, b, s, store, refs, log)
     try:
-        all_records = store.records()
+        rows = summarize(_shown_records(store, b, inv, targets))
     except StoreError as e:
         raise click.ClickException(str(e)) from None
-    records = [r for r in all_records if r["bundle_sha256"] == b.sha256 and shown(r)
-               and r["max_new_tokens"] == max_new_tokens and r["mask_spec"] in settings.masks
-               and r["prompt_len"] in settings.prompt_lengths and r["threads"] in settings.threads]
-    rows = summarize(records)
-    settings_line = {"bundle": str(b.path), "bundle_sha256": b.sha256[:12], "runs": runs, "warmup": warmup,
-                     "masks": ",".join(settings.masks) + (" ('all' added as baseline)" if added_all else ""),
-                     "prompt_lengths": ",".join(map(str, settings.prompt_lengths)),
-                     "threads": ",".join(map(str, settings.threads)), "max_new_tokens": max_new_tokens,
-                     "store": out_path}
-    if use_app:
-        settings_line["app"] = app_package
-    table = format_table(rows, settings_line)
-    if as_json:
+    table = format_table(rows, inv.table_settings(b), inv.table_notes(b))
+    if inv.as_json:
         for r in rows:
             click.echo(json.dumps({k: _clean(v) for k, v in r.items()}, sort_keys=True))
         click.echo(table, err=True)
@@ -279,32 +296,51 @@ def main(bundle: str, devices: tuple[str, ...], all_devices: bool, local: bool, 
         click.echo(table)
     if refs is not None and refs.error:
         click.echo(f"note: tokens_match unavailable: {refs.error}", err=True)
-    for rep in reports:
-        for p in rep.profiles:
-            from .profile import format_profile
-
-            title = f"{p['device']} mask {p['mask_spec']} pp {p['prompt_len']} {p['threads']} thr" + (
-                " (qemu: not real timings)" if p.get("emulated") else "")
-            click.echo(format_profile(p["summary"], title) if "summary" in p else f"profile {title}: {p['error']}",
-                       err=as_json)
-    if profile:
-        pj = Path(settings.profile_dir) / "profiles.json"
-        pj.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pj.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps([p for rep in reports for p in rep.profiles], indent=2))
-        tmp.replace(pj)
-    if plots and rows:
-        for p in write_plots(rows, str(Path(out_path).with_suffix(""))):
+    _profiles(reports, inv)
+    if inv.plots and rows:
+        for p in write_plots(rows, str(Path(inv.out_path).with_suffix(""))):
             click.echo(f"plot: {p}", err=True)
     failed = [e for rep in reports for e in rep.errors]
     for e in failed:
         click.echo(f"error: {e}", err=True)
     if signals:
         click.echo(f"error: interrupted by {SIGNALS.get(signals[0], signals[0])}: finished runs are stored in "
-                   f"{out_path}; rerun the same command to resume", err=True)
-        sys.exit(128 + signals[0])
-    if failed:
-        sys.exit(1)
+                   f"{inv.out_path}; rerun the same command to resume", err=True)
+        return 128 + signals[0]
+    return 1 if failed else 0
+
+
+def _shown_records(store: ResultStore, b: Bundle, inv: Invocation, targets: list[Target]) -> list[dict]:
+    """The stored runs of this invocation's configurations on its targets (native and app rows of one device stay
+    apart; a target whose probe failed: its native rows, as before)."""
+    s = inv.settings
+    measured = {(t.name, t.runner_target or None) for t in targets}
+
+    def shown(r: dict) -> bool:
+        return (r["device"], r.get("target")) in measured or (
+            (r["device"], None) in measured and r.get("target") != APP_TARGET)
+
+    return [r for r in store.records() if r["bundle_sha256"] == b.sha256 and shown(r)
+            and r["max_new_tokens"] == s.max_new_tokens and r["mask_spec"] in s.masks
+            and r["prompt_len"] in s.prompt_lengths and r["threads"] in s.threads]
+
+
+def _profiles(reports: list[TargetReport], inv: Invocation) -> None:
+    """Print the ETDump summaries; with --profile save them to <out>_profiles/profiles.json."""
+    from .profile import format_profile
+
+    for rep in reports:
+        for p in rep.profiles:
+            title = f"{p['device']} mask {p['mask_spec']} pp {p['prompt_len']} {p['threads']} thr" + (
+                " (qemu: not real timings)" if p.get("emulated") else "")
+            click.echo(format_profile(p["summary"], title) if "summary" in p else f"profile {title}: {p['error']}",
+                       err=inv.as_json)
+    if inv.settings.profile and inv.settings.profile_dir:
+        pj = Path(inv.settings.profile_dir) / "profiles.json"
+        pj.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pj.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps([p for rep in reports for p in rep.profiles], indent=2))
+        tmp.replace(pj)
 
 
 if __name__ == "__main__":

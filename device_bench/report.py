@@ -68,37 +68,58 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict], settings: dict[str, object] | None = None) -> str:
-    """Markdown table in the spirit of llama-bench (median ± sd over the measured runs)."""
-    head = ["device", "target", "mask", "layers run", "skip", "threads", "pp", "tg", "runs",
-            "prefill t/s", "decode t/s", "speedup", "peak MB", "tokens match"]
-    lines = []
-    if settings:
-        lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
-    table = []
-    for r in rows:
-        spec = r["mask_spec"]
-        n_run = r["mask"].count("1")
-        sp = "-" if r["speedup_vs_all"] is None else f"{r['speedup_vs_all']:.2f}x"
-        table.append([
-            r["device"] + (" (qemu)" if r["emulated"] else ""), r["target"] or "", spec if spec in ("auto", "all")
-            else "bits", f"{n_run}/{len(r['mask'])} {r['mask']}", f"{r['skip_ratio']:.2f}", str(r["threads"]),
-            str(r["prompt_tokens"]), str(int(r["generated"])), str(r["runs"]),
-            f"{r['prefill_tokens_per_s']:.1f} ± {r['prefill_tokens_per_s_sd']:.1f}",
-            f"{r['decode_tokens_per_s']:.2f} ± {r['decode_tokens_per_s_sd']:.2f}", sp,
-            f"{r['peak_rss_mb']:.0f}", {True: "yes", False: "NO", None: "n/a"}[r["tokens_match"]],
-        ])
+# Settings a row of the table shows itself: not repeated as a column of the invocation's settings.
+_ROW_SETTINGS = {"device", "target", "bundle_sha256", "mask", "masks", "threads", "prompt_lengths", "max_new_tokens",
+                 "runs"}
+
+
+def _row_columns(settings: dict[str, object]) -> list[tuple[str, object, bool]]:
+    """(header, row -> cell, right-aligned) for every column: settings first, then results (as llama-bench)."""
+    const = [(k, (lambda r, v=v: str(v)), isinstance(v, int | float) and not isinstance(v, bool))
+             for k, v in settings.items() if k not in _ROW_SETTINGS]
+
+    def sp(r: dict) -> str:
+        return "-" if r["speedup_vs_all"] is None else f"{r['speedup_vs_all']:.2f}x"
+
+    return [
+        ("device", lambda r: r["device"] + (" (qemu)" if r["emulated"] else ""), False),
+        ("target", lambda r: r["target"] or "", False),
+        *const,
+        ("mask", lambda r: r["mask_spec"] if r["mask_spec"] in ("auto", "all") else "bits", False),
+        ("threads", lambda r: str(r["threads"]), True),
+        ("pp", lambda r: str(r["prompt_tokens"]), True),
+        ("tg", lambda r: str(int(r["generated"])), True),
+        ("runs", lambda r: str(r["runs"]), True),
+        ("layers run", lambda r: f"{r['mask'].count('1')}/{len(r['mask'])} {r['mask']}", False),
+        ("skip", lambda r: f"{r['skip_ratio']:.2f}", True),
+        ("prefill t/s", lambda r: f"{r['prefill_tokens_per_s']:.1f} ± {r['prefill_tokens_per_s_sd']:.1f}", True),
+        ("decode t/s", lambda r: f"{r['decode_tokens_per_s']:.2f} ± {r['decode_tokens_per_s_sd']:.2f}", True),
+        ("speedup", sp, True),
+        ("peak MB", lambda r: f"{r['peak_rss_mb']:.0f}", True),
+        ("tokens match", lambda r: {True: "yes", False: "NO", None: "n/a"}[r["tokens_match"]], True),
+    ]
+
+
+def format_table(rows: list[dict], settings: dict[str, object] | None = None, notes: list[str] | None = None) -> str:
+    """Markdown table in the spirit of llama-bench: one row per configuration with every setting in it (median ± sd
+    over the measured runs). ``settings``: the invocation's settings that are the same on every row (e.g. bundle,
+    warmup); each becomes a column unless a row shows it already (device, target, mask, threads, pp, tg, runs).
+    ``notes``: lines printed under the table."""
+    cols = _row_columns(settings or {})
+    head = [h for h, _, _ in cols]
+    table = [[cell(r) for _, cell, _ in cols] for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(head)]
-    lines.append("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |")
-    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     for t in table:
-        lines.append("| " + " | ".join(c.rjust(w) if i >= 4 else c.ljust(w)
-                                        for i, (c, w) in enumerate(zip(t, widths, strict=True))) + " |")
+        lines.append("| " + " | ".join(c.rjust(w) if right else c.ljust(w)
+                                        for c, w, (_, _, right) in zip(t, widths, cols, strict=True)) + " |")
     if any(r["emulated"] for r in rows):
         lines.append("note: rows marked (qemu) ran under qemu-user emulation: their timings are NOT real "
                      "device timings (correctness only).")
     lines.append("pp = prompt tokens, tg = generated tokens; prefill t/s = pp / prefill time; decode t/s excludes "
                  "the first token (it comes from prefill); speedup = decode t/s / decode t/s of mask 'all'.")
+    lines += notes or []
     return "\n".join(lines)
 
 

@@ -6,6 +6,9 @@ on a new line. Every other line that claims the bench-record schema must match
 store is never rewritten, so nothing in it is lost). Writers in several threads are serialized with a lock;
 one process at a time writes a store: ``lock_writer`` holds an exclusive ``fcntl.flock`` on it until
 ``close``, and a second ``first-bench`` on the same store is refused instead of measuring everything twice.
+
+:func:`check_result` is the one check of a run result before it becomes a record (the native runner's lines and
+the app's alike): the run-result schema, then that it answers the request.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 RECORD_SCHEMA = "firstkit.bench.run/1"
@@ -42,6 +46,88 @@ def record_error(rec: object) -> str | None:
     return schema_error(rec, "bench_record.schema.json")
 
 
+# ----------------------------------------------------------------------------------------------- run results
+_TYPES: dict[str, Callable[[object], bool]] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
+}
+
+
+def schema_errors(value: object, schema: dict, where: str = "") -> list[str]:
+    """Errors of ``value`` against the JSON-Schema subset run_result.schema.json uses (type, required, properties,
+    items, enum, pattern, minimum, maximum), in short words that name the key."""
+    errs: list[str] = []
+    name = where or "result"
+    t = schema.get("type")
+    if t is not None:
+        types = t if isinstance(t, list) else [t]
+        if not any(_TYPES[x](value) for x in types):
+            return [f"{name}: {json.dumps(value)[:60]} is not of type {' or '.join(types)}"]
+    if "enum" in schema and value not in schema["enum"]:
+        errs.append(f"{name}: {json.dumps(value)[:60]} is not one of {schema['enum']}")
+    if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
+        errs.append(f"{name}: {value[:60]!r} does not match {schema['pattern']}")
+    if _TYPES["number"](value):
+        if "minimum" in schema and value < schema["minimum"]:
+            errs.append(f"{name}: {value} is less than {schema['minimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            errs.append(f"{name}: {value} is greater than {schema['maximum']}")
+    if isinstance(value, dict):
+        errs += [f"{name}: missing key {k!r}" for k in schema.get("required", []) if k not in value]
+        for k, sub in schema.get("properties", {}).items():
+            if k in value:
+                errs += schema_errors(value[k], sub, k)
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, x in enumerate(value):
+            errs += schema_errors(x, schema["items"], f"{name}[{i}]")
+    return errs
+
+
+_SCHEMA: dict | None = None
+
+
+def run_result_schema() -> dict:
+    """``device_bench/schemas/run_result.schema.json``."""
+    global _SCHEMA
+    if _SCHEMA is None:
+        from . import SCHEMA_PATH
+
+        _SCHEMA = json.loads(Path(SCHEMA_PATH).read_text())
+    return _SCHEMA
+
+
+def check_result(res: object, *, runner: str, bundle_sha256: str, prompt_len: int, max_new_tokens: int,
+                 n_layers: int, spec: str, threads: int) -> str | None:
+    """Why one run result (a line from the native runner or the app) is unusable, or None: the run-result schema,
+    then that it answers the request (who ran it, bundle, prompt, mask, generated tokens, threads)."""
+    errs = schema_errors(res, run_result_schema())
+    if errs:
+        return "; ".join(errs[:3])
+    assert isinstance(res, dict)
+    if res["runner"] != runner:
+        return f"runner is {res['runner']!r}, not {runner!r}"
+    if res["bundle_sha256"] != bundle_sha256:
+        return "bundle_sha256 differs from the host's bundle (another bundle ran)"
+    if res["prompt_tokens"] != prompt_len:
+        return f"prompt_tokens {res['prompt_tokens']}, {prompt_len} were sent"
+    if len(res["mask"]) != n_layers:
+        return f"mask {res['mask']} has {len(res['mask'])} bits, the model has {n_layers} layers"
+    want = {"all": "1" * n_layers, "auto": None}.get(spec, spec)
+    if want is not None and res["mask"] != want:
+        return f"mask {res['mask']} ran, {spec} was asked for"
+    if len(res["tokens"]) != max_new_tokens:
+        return f"{len(res['tokens'])} tokens generated, {max_new_tokens} asked for (EOS ignored)"
+    if res["threads"] is not None and res["threads"] != threads:
+        return f"threads {res['threads']}, {threads} asked for"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- the store
 class ResultStore:
     """JSONL file of bench records."""
 

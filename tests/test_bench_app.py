@@ -20,8 +20,8 @@ from click.testing import CliRunner
 from test_bench_support import adb_server, read_jsonl, run_json, runner, tiny_bundle, tmpdir
 
 from firstkit.device_bench import SCHEMA_PATH
-from firstkit.device_bench.app_target import check_result, schema_errors
 from firstkit.device_bench.cli import main
+from firstkit.device_bench.store import check_result, schema_errors
 from firstkit.device_bench.testing.adbd import LoopbackAdbd
 from firstkit.device_bench.testing.fake_android import FakeAndroidError, FakeApp, jni_library, logic_classes
 
@@ -88,7 +88,7 @@ def test_app_results_equal_native_runner_and_first_run(phone):
     rows = run_json(r.stdout)
     assert {row["mask_spec"] for row in rows} == {"all", "auto", "1001"}
     assert all(row["target"] == "app" and row["runs"] == 2 and row["tokens_match"] is True for row in rows)
-    assert re.search(r"\| app +\|", r.stderr) and "app=org.firstkit.demo" in r.stderr
+    assert re.search(r"\| app +\|", r.stderr) and re.search(r"\| org\.firstkit\.demo +\|", r.stderr)
     # one am start per configuration, with the request the activity understands
     starts = app.starts()
     assert len(starts) == 3
@@ -215,11 +215,11 @@ def test_result_checks_agree_with_jsonschema():
     for v in variants:
         ok = jsonschema.Draft202012Validator(schema).is_valid(v)
         assert (schema_errors(v, schema) == []) == ok, v
-    assert check_result(good, bundle_sha256="a" * 64, prompt_len=3, max_new_tokens=2, n_layers=4, spec="1011",
-                        threads=1) is None
-    why = check_result(good, bundle_sha256="a" * 64, prompt_len=3, max_new_tokens=2, n_layers=4, spec="all",
-                       threads=1)
-    assert why == "mask 1011 ran, all was asked for"
+    request = {"runner": "android", "bundle_sha256": "a" * 64, "prompt_len": 3, "max_new_tokens": 2, "n_layers": 4,
+               "threads": 1}
+    assert check_result(good, **request, spec="1011") is None
+    assert check_result(good, **request, spec="all") == "mask 1011 ran, all was asked for"
+    assert check_result(good, **{**request, "runner": "native"}, spec="1011") == "runner is 'android', not 'native'"
 
 
 def test_app_flag_usage_errors():

@@ -52,7 +52,7 @@ def test_bad_input_is_refused_before_running(tmp_path):
     b = str(tiny_bundle())
     out = tmp_path / "x.jsonl"
     cases = [
-        ([b, "--local", "--masks", "10", "--out", str(out)], "has 2 bits"),
+        ([b, "--local", "--masks", "10", "--out", str(out)], "has 2 entries"),
         ([b, "--local", "--masks", "0111", "--out", str(out)], "skips protected layer 0"),
         ([b, "--local", "--masks", "1x01", "--out", str(out)], "use auto, all or a string of 0/1"),
         ([b, "--out", str(out)], "--device SERIAL, --all-devices or --local"),
