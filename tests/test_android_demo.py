@@ -216,10 +216,13 @@ def test_gradle_project_is_conventional():
 
     assert f"firstkit.executorchVersion={version('executorch')}" in props
     cmake = (APP / "cpp" / "CMakeLists.txt").read_text()
-    for src in ("first_runner.cpp", "json.cpp", "sha256.cpp", "tokenizer.cpp"):
+    for src in ("first_runner.cpp", "sha256.cpp", "tokenizer.cpp"):
         assert f"${{FIRSTKIT_CORE_DIR}}/{src}" in cmake and (CORE / src).is_file()
-    assert sorted(p.name for p in CORE.glob("*.cpp")) == ["first_runner.cpp", "json.cpp", "sha256.cpp",
-                                                           "tokenizer.cpp"], "core gained a source: add it"
+    assert sorted(p.name for p in CORE.glob("*.cpp")) == ["first_runner.cpp", "sha256.cpp", "tokenizer.cpp"], \
+        "core gained a source: add it"
+    # JSON is nlohmann/json (header-only), found the way the runner's CMake finds it; no hand-written parser
+    assert "include(${FIRSTKIT_CORE_DIR}/nlohmann_json.cmake)" in cmake and "firstkit::nlohmann_json" in cmake
+    assert not (CORE / "json.h").exists() and not (CORE / "json.cpp").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

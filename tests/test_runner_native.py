@@ -10,6 +10,8 @@ import pytest
 from test_bench_support import bundle_copy, need, runner, tiny_bundle
 
 MASKS = ["auto", "all", "1001", "1101"]
+RESULT_KEYS = ["text", "tokens", "prompt_tokens", "mask", "skip_ratio", "prefill_ms", "decode_ms_per_token",
+               "decode_ms", "tokens_per_s", "peak_rss_mb", "threads", "backend", "runner", "bundle_sha256"]
 PROMPT = [1, 72, 101, 108, 108, 111, 44, 32, 119]
 
 
@@ -77,6 +79,7 @@ def test_result_matches_schema_and_runs_append_to_out(tmp_path):
     assert len(lines) == 3 and lines == p.stdout.splitlines()
     for line in lines:
         jsonschema.validate(json.loads(line), schema)
+        assert list(json.loads(line)) == RESULT_KEYS  # docs/CONTRACTS.md order
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**json.loads(lines[0]), "mask": "12"}, schema)
 
@@ -128,6 +131,104 @@ def test_bundle_checks():
     (bad / "manifest.json").write_text(json.dumps(m))
     p = _native(pkg, bad, "--prompt-ids", "1")
     assert p.returncode == 1 and "format_version 2" in p.stderr
+
+
+def _edited(edit):
+    def f(m):
+        edit(m)
+        return json.dumps(m)
+    return f
+
+
+def _more_layers(m):
+    m["model"]["num_layers"] = 5
+    m["routing"]["protected_layers"] = [0, 4]
+    m["backends"]["executorch"]["methods"].update({"prefill_4": {}, "layer_4": {}})
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda m: json.dumps(m)[:150], "invalid JSON (parse error at line 1, column"),
+    (lambda m: "[" * 100000, "invalid JSON"),  # deep nesting: an error, not a stack overflow
+    (lambda m: "[" * 50000 + "]" * 50000, "manifest must be a JSON object"),
+    (lambda m: b'{"format": "firstkit-bundle\xff"}', "invalid string: ill-formed UTF-8 byte"),
+    (lambda m: json.dumps(m) + " {}", "invalid JSON"),  # trailing data
+    (_edited(lambda m: m.pop("files")), "missing keys files"),
+    (_edited(lambda m: m.update(format_version="1")), 'unsupported bundle format_version "1"'),
+    (_edited(lambda m: m["model"].update(num_layers="4")), 'model.num_layers must be a positive integer, got "4"'),
+    (_edited(lambda m: m["model"].update(num_layers=4.0)), "model.num_layers must be a positive integer, got 4.0"),
+    (_edited(lambda m: m["model"].pop("num_layers")), "model must have keys"),
+    (_edited(_more_layers), "manifest says 5 layers (model.num_layers), program has 4"),
+    (_edited(lambda m: m["routing"].update(protected_layers=3)), "routing.protected_layers must be a list"),
+    (_edited(lambda m: m["routing"].update(protected_layers=[0, "3"])), 'routing.protected_layers: "3" is not a layer'),
+    (_edited(lambda m: m["routing"].update(protected_layers=[0, 4])), "routing.protected_layers: 4 is not a layer"),
+    (_edited(lambda m: m["backends"].update(executorch="model.pte")), "backends.executorch.file must be"),
+    (_edited(lambda m: m["backends"]["executorch"].update(file=["model.pte"])), "backends.executorch.file must be"),
+    (_edited(lambda m: m["backends"]["executorch"]["methods"].pop("layer_3")), "backends.executorch.methods must be"),
+    (_edited(lambda m: m["files"]["model.pte"].update(size=str(m["files"]["model.pte"]["size"]))),
+     'files["model.pte"] needs sha256 and size'),
+    (_edited(lambda m: m["files"].update({"../x": {"sha256": "0" * 64, "size": 1}})), 'files["../x"] escapes'),
+    (_edited(lambda m: m["files"].update({"x\ny": {"sha256": "0" * 64, "size": 1}})), "bundle file missing: x\\ny"),
+    (_edited(lambda m: m.update(files=[])), "files must be an object"),
+])
+def test_malformed_manifest_is_a_one_line_error(make, msg):
+    """Invalid JSON and wrong types in manifest.json: one error line naming the file (exit 1), never a crash."""
+    pkg = runner("linux-x86_64")
+    bad = bundle_copy("bad-manifest")
+    text = make(json.loads((bad / "manifest.json").read_text()))
+    (bad / "manifest.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    p = subprocess.run([str(pkg.launcher), "--bundle", str(bad), "--prompt-ids", "1,2", "--max-new-tokens", "2"],
+                       capture_output=True, text=True, errors="replace", timeout=120)
+    assert p.returncode == 1, p.stderr[-500:]
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("first_runner: error:")]
+    assert len(err) == 1 and msg in err[0], p.stderr[-500:]
+    if "layers" not in msg and "bundle file" not in msg:
+        assert str(bad / "manifest.json") in err[0]
+    assert p.stdout == "" and "\ufffd" not in err[0]
+
+
+def test_alternative_layer_spellings_are_ignored():
+    """Only model.num_layers counts (docs/bundle_format.md): old spellings elsewhere are just extra keys."""
+    bad = bundle_copy("old-spellings")
+    m = json.loads((bad / "manifest.json").read_text())
+    m.update(num_layers=7, n_layers=7)
+    m["model"]["n_layers"] = 7
+    (bad / "manifest.json").write_text(json.dumps(m))
+    p = _native(runner("linux-x86_64"), bad, "--info")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["num_layers"] == 4
+
+
+def test_malformed_tokenizer_and_prompt_file_are_one_line_errors(tmp_path):
+    pkg = runner("linux-x86_64")
+    bad = bundle_copy("bad-tokenizer")
+    for text, msg in [('{"model": {"vocab": {"a": 1}', "malformed tokenizer"), ("[1, 2]", "not a JSON object"),
+                      ('{"model": {"vocab": {"a": 1e30}}}', None),  # a non-integer id is ignored
+                      ('{"model": {"vocab": {"a": 99999999999}}}', "token id 99999999999 is out of range"),
+                      ('{"model": 5}', "has no model.vocab")]:
+        tok = bad / "tokenizer" / "tokenizer.json"
+        tok.write_text(text)
+        m = json.loads((bad / "manifest.json").read_text())
+        m["files"]["tokenizer/tokenizer.json"] = {"sha256": hashlib.sha256(tok.read_bytes()).hexdigest(),
+                                                  "size": tok.stat().st_size}
+        (bad / "manifest.json").write_text(json.dumps(m))
+        p = _native(pkg, bad, "--prompt-ids", "1,2", "--max-new-tokens", 2)
+        err = [ln for ln in p.stderr.splitlines() if ln.startswith("first_runner: error:")]
+        if msg is None:
+            assert p.returncode == 0 and json.loads(p.stdout)["text"] == "", p.stderr
+        else:
+            assert p.returncode == 1 and len(err) == 1 and msg in err[0] and str(tok) in err[0], p.stderr
+    ids = tmp_path / "ids.json"
+    for text, rc, msg in [("[1, 72, 101]", 0, None), ("1, 72\n101", 0, None), ("[1, 72", 2, "invalid JSON"),
+                          ("[1, -3]", 2, "bad token id -3"), ('[1, "2"]', 2, 'bad token id "2"'),
+                          ("[1.5]", 2, "bad token id 1.5"), ("[]", 2, "no token ids")]:
+        ids.write_text(text)
+        p = _native(pkg, tiny_bundle(), "--prompt-ids-file", ids, "--max-new-tokens", 2)
+        assert p.returncode == rc, p.stderr
+        if rc == 0:
+            assert json.loads(p.stdout)["prompt_tokens"] == 3
+        else:
+            err = [ln for ln in p.stderr.splitlines() if ln.startswith("first_runner: error:")]
+            assert len(err) == 1 and msg in err[0], p.stderr
 
 
 def test_etdump_profile_per_method(tmp_path):

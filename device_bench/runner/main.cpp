@@ -10,6 +10,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -18,8 +20,9 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "core/first_runner.h"
-#include "core/json.h"
 
 namespace {
 
@@ -27,7 +30,7 @@ constexpr const char* kUsage =
     "usage: first_runner --bundle DIR (--prompt-ids IDS | --prompt-ids-file FILE) [options]\n"
     "  --bundle DIR            firstkit bundle (manifest.json + model.pte)\n"
     "  --prompt-ids IDS        prompt token ids, comma separated (BOS included if wanted)\n"
-    "  --prompt-ids-file FILE  prompt token ids from a file (JSON array or comma/space separated)\n"
+    "  --prompt-ids-file FILE  prompt token ids from a file (a JSON array, or comma/space separated)\n"
     "  --max-new-tokens N      tokens to generate (default 32)\n"
     "  --threads N             ExecuTorch thread-pool size (default: library default)\n"
     "  --mask SPEC             auto (routers decide) | all | BITS, one 0/1 per layer (default auto)\n"
@@ -53,22 +56,44 @@ long parse_int(const std::string& flag, const std::string& v, long lo) {
   return x;
 }
 
+// Token ids from --prompt-ids or --prompt-ids-file: a JSON array of non-negative integers ("[1, 2, 3]"), or ids
+// separated by commas and/or whitespace ("1,2,3").
 std::vector<int64_t> parse_ids(const std::string& text, const std::string& origin) {
   std::vector<int64_t> ids;
-  std::string cur;
-  auto flush = [&]() {
-    if (cur.empty()) return;
-    char* end = nullptr;
-    long long x = std::strtoll(cur.c_str(), &end, 10);
-    if (!end || *end || x < 0) usage_error("bad token id '" + cur + "' in " + origin);
-    ids.push_back(x);
-    cur.clear();
-  };
-  for (char c : text) {
-    if (c == ',' || c == ' ' || c == '\n' || c == '\t' || c == '\r' || c == '[' || c == ']') flush();
-    else cur += c;
+  const size_t first = text.find_first_not_of(" \t\r\n");
+  if (first != std::string::npos && text[first] == '[') {
+    nlohmann::json doc;
+    try {
+      doc = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::exception& e) {
+      std::string what = e.what();  // without the "[json.exception.parse_error.101] " prefix
+      if (size_t close = what.find("] "); what[0] == '[' && close != std::string::npos) what.erase(0, close + 2);
+      usage_error(origin + ": invalid JSON (" + firstkit::RunnerError(what).what() + ")");  // one line
+    }
+    for (const nlohmann::json& v : doc) {  // an array (it starts with '[')
+      if (!v.is_number_unsigned() || v.get<uint64_t>() > uint64_t(INT64_MAX))
+        usage_error("bad token id " + v.dump(-1, ' ', true, nlohmann::json::error_handler_t::replace) + " in " +
+                    origin + " (ids are non-negative integers)");
+      ids.push_back(int64_t(v.get<uint64_t>()));
+    }
+  } else {
+    std::string cur;
+    auto flush = [&]() {
+      if (cur.empty()) return;
+      char* end = nullptr;
+      errno = 0;
+      long long x = std::strtoll(cur.c_str(), &end, 10);
+      if (!end || *end || x < 0 || errno == ERANGE)
+        usage_error(std::string("bad token id '") + firstkit::RunnerError(cur).what() + "' in " + origin);
+      ids.push_back(x);
+      cur.clear();
+    };
+    for (char c : text) {
+      if (c == ',' || c == ' ' || c == '\n' || c == '\t' || c == '\r') flush();
+      else cur += c;
+    }
+    flush();
   }
-  flush();
   if (ids.empty()) usage_error("no token ids in " + origin);
   return ids;
 }
@@ -165,14 +190,16 @@ int main(int argc, char** argv) {
     auto runner = firstkit::Runner::load(opt);
     const firstkit::BundleInfo& info = runner->info();
     if (info_only) {
-      std::string eos;
-      for (size_t k = 0; k < info.eos_ids.size(); ++k) eos += (k ? "," : "") + std::to_string(info.eos_ids[k]);
-      std::printf(
-          "{\"bundle_sha256\":%s,\"num_layers\":%lld,\"max_seq_len\":%lld,\"vocab_size\":%lld,\"bos_id\":%lld,"
-          "\"eos_ids\":[%s],\"has_tokenizer\":%s,\"peak_rss_mb\":%s}\n",
-          firstkit::json::quote(info.manifest_sha256).c_str(), (long long)info.num_layers,
-          (long long)info.max_seq_len, (long long)info.vocab_size, (long long)info.bos_id, eos.c_str(),
-          info.has_tokenizer ? "true" : "false", firstkit::json::number(firstkit::peak_rss_mb()).c_str());
+      nlohmann::ordered_json o;
+      o["bundle_sha256"] = info.manifest_sha256;
+      o["num_layers"] = info.num_layers;
+      o["max_seq_len"] = info.max_seq_len;
+      o["vocab_size"] = info.vocab_size;
+      o["bos_id"] = info.bos_id;
+      o["eos_ids"] = info.eos_ids;
+      o["has_tokenizer"] = info.has_tokenizer;
+      o["peak_rss_mb"] = firstkit::peak_rss_mb();
+      std::printf("%s\n", o.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace).c_str());
       return 0;
     }
     gen.mask_override = firstkit::parse_mask_spec(mask_spec, info.num_layers);

@@ -8,10 +8,13 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
+#include <set>
 #include <sstream>
 #include <unordered_map>
 #include <unordered_set>
@@ -23,7 +26,8 @@
 #include <executorch/runtime/backend/backend_options_map.h>
 #include <executorch/runtime/backend/options.h>
 
-#include "json.h"
+#include <nlohmann/json.hpp>
+
 #include "tokenizer.h"
 
 // The wheel ships libexecutorch_threadpool.so but not its header; these two declarations match
@@ -42,6 +46,50 @@ ThreadPool* get_threadpool();
 }  // namespace executorch
 
 namespace firstkit {
+
+namespace {
+
+// Length of the valid UTF-8 sequence at s[i] (1..4), 0 when the bytes there are not one.
+size_t utf8_len(const std::string& s, size_t i) {
+  const unsigned char c = static_cast<unsigned char>(s[i]);
+  const size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+  if (n == 0 || i + n > s.size()) return 0;
+  for (size_t k = 1; k < n; ++k)
+    if ((static_cast<unsigned char>(s[i + k]) >> 6) != 0x2) return 0;
+  return n;
+}
+
+// One line of UTF-8 of at most ~kMax bytes: control characters, invalid bytes and 4-byte sequences become \n, \t,
+// \xNN (so it is also valid "modified UTF-8", what JNI's ThrowNew takes in the Android bridge).
+std::string one_line(const std::string& s) {
+  constexpr size_t kMax = 500;
+  std::string out;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (out.size() >= kMax) {
+      out += "...";
+      break;
+    }
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    const size_t n = utf8_len(s, i);
+    if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (n == 0 || n == 4 || c < 0x20 || c == 0x7F) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02X", c);
+      out += buf;
+    } else {
+      out.append(s, i, n);
+      i += n - 1;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+RunnerError::RunnerError(const std::string& what) : std::runtime_error(one_line(what)) {}
 
 namespace et = ::executorch;
 using et::aten::ScalarType;
@@ -137,45 +185,189 @@ std::string err_text(et::runtime::Error e) {
   return "ExecuTorch error " + std::to_string(static_cast<int>(e));
 }
 
-int64_t integer_of(const json::Value* v, int64_t dflt) {
-  return (v && v->is_number()) ? (v->is_integer ? v->integer : static_cast<int64_t>(v->num)) : dflt;
+using nlohmann::json;
+
+// A string as a JSON literal (quotes, escapes): how messages quote names and values taken from a manifest.
+std::string json_text(const json& v) {
+  return v.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
-// One file entry a manifest asks us to check.
-struct FileCheck {
+// The message of a nlohmann exception without its "[json.exception.parse_error.101] " prefix.
+std::string json_error_text(const json::exception& e) {
+  std::string s = e.what();
+  if (!s.empty() && s[0] == '[') {
+    const size_t close = s.find("] ");
+    if (close != std::string::npos) s.erase(0, close + 2);
+  }
+  return s;
+}
+
+// A strict JSON integer (4, not 4.0, not true) that fits int64_t.
+bool strict_int(const json& v, int64_t& out) {
+  if (v.is_number_unsigned()) {
+    const uint64_t u = v.get<uint64_t>();
+    if (u > static_cast<uint64_t>(INT64_MAX)) return false;
+    out = static_cast<int64_t>(u);
+    return true;
+  }
+  if (v.is_number_integer()) {
+    out = v.get<int64_t>();
+    return true;
+  }
+  return false;
+}
+
+// manifest.schema.json $defs.relpath: a relative POSIX path inside the bundle (not empty, no leading '/',
+// no backslash, no NUL, no '..' component).
+bool is_relpath(const std::string& rel) {
+  if (rel.empty() || rel[0] == '/' || rel.find('\\') != std::string::npos || rel.find('\0') != std::string::npos)
+    return false;
+  size_t start = 0;
+  while (true) {
+    const size_t end = rel.find('/', start);
+    if (rel.compare(start, end == std::string::npos ? std::string::npos : end - start, "..") == 0) return false;
+    if (end == std::string::npos) return true;
+    start = end + 1;
+  }
+}
+
+bool is_sha256_hex(const std::string& s) {
+  if (s.size() != 64) return false;
+  for (char c : s)
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  return true;
+}
+
+// One file the manifest lists ("files": relative path -> {"sha256": hex, "size": bytes}).
+struct ListedFile {
   std::string name;
-  std::string sha256;  // empty: not listed
-  int64_t size = -1;   // -1: not listed
+  std::string sha256;
+  int64_t size = 0;
 };
 
-// Reads the "files" listing in any of the shapes {name: sha}, {name: {sha256, size}},
-// [{path|name|file, sha256, size|bytes}].
-std::vector<FileCheck> listed_files(const json::Value& manifest) {
-  std::vector<FileCheck> out;
-  const json::Value* files = manifest.get("files");
-  if (!files) return out;
-  auto entry = [](const std::string& name, const json::Value& v) {
-    FileCheck c;
-    c.name = name;
-    if (v.is_string()) {
-      c.sha256 = v.str;
-    } else if (v.is_object()) {
-      if (const json::Value* s = v.get("sha256"); s && s->is_string()) c.sha256 = s->str;
-      c.size = integer_of(v.get("size"), integer_of(v.get("bytes"), -1));
-    }
-    return c;
-  };
-  if (files->is_object()) {
-    for (const auto& kv : files->obj) out.push_back(entry(kv.first, kv.second));
-  } else if (files->is_array()) {
-    for (const auto& v : files->arr) {
-      const json::Value* n = v.get("path");
-      if (!n) n = v.get("name");
-      if (!n) n = v.get("file");
-      if (n && n->is_string()) out.push_back(entry(n->str, v));
-    }
+// What the runner takes from manifest.json.
+struct ManifestFacts {
+  int64_t num_layers = 0;                 // model.num_layers
+  std::vector<int64_t> protected_layers;  // routing.protected_layers
+  std::string program;                    // backends.executorch.file
+  std::vector<ListedFile> files;          // files, sorted by name
+};
+
+constexpr const char* kRequiredKeys[] = {"format", "format_version", "model", "routing", "max_seq_len",
+                                         "quantization", "backends", "mask_semantics", "versions", "files"};
+constexpr const char* kRequiredModelKeys[] = {"id", "sha256", "architecture", "num_layers", "hidden_size",
+                                              "vocab_size", "eos_ids"};
+
+std::string joined(const std::vector<std::string>& v) {
+  std::string s;
+  for (const std::string& x : v) s += (s.empty() ? "" : ", ") + x;
+  return s;
+}
+
+// Reads manifest.json with the rules of docs/bundle_format.md (the consistency rules of
+// firstkit.runtime.bundle.validate_manifest; for the values this runner uses, their manifest.schema.json types).
+// Any problem is a RunnerError "<path>: <what>".
+ManifestFacts read_manifest(const std::string& path) {
+  auto fail = [&path](const std::string& what) -> void { throw RunnerError(path + ": " + what); };
+  json m;
+  try {
+    m = json::parse(read_file(path));
+  } catch (const json::exception& e) {
+    fail("invalid JSON (" + json_error_text(e) + ")");
   }
-  return out;
+  ManifestFacts f;
+  try {
+    if (!m.is_object()) fail("manifest must be a JSON object");
+    std::vector<std::string> missing;
+    for (const char* k : kRequiredKeys)
+      if (!m.contains(k)) missing.push_back(k);
+    if (!missing.empty()) fail("missing keys " + joined(missing));
+
+    if (m.at("format") != "firstkit-bundle")
+      fail("format is " + json_text(m.at("format")) + ", expected \"firstkit-bundle\"");
+    int64_t version = 0;
+    if (!strict_int(m.at("format_version"), version) || version != 1)
+      fail("unsupported bundle format_version " + json_text(m.at("format_version")) + " (this runner reads version 1)");
+
+    const json& model = m.at("model");
+    if (!model.is_object()) fail("model must be an object");
+    missing.clear();
+    for (const char* k : kRequiredModelKeys)
+      if (!model.contains(k)) missing.push_back(k);
+    if (!missing.empty())
+      fail("model must have keys " +
+           joined(std::vector<std::string>(std::begin(kRequiredModelKeys), std::end(kRequiredModelKeys))));
+    if (!strict_int(model.at("num_layers"), f.num_layers) || f.num_layers < 1)
+      fail("model.num_layers must be a positive integer, got " + json_text(model.at("num_layers")));
+    const int64_t n = f.num_layers;
+    int64_t max_seq_len = 0;
+    if (!strict_int(m.at("max_seq_len"), max_seq_len) || max_seq_len < 1)
+      fail("max_seq_len must be a positive integer, got " + json_text(m.at("max_seq_len")));
+    for (const char* k : {"quantization", "mask_semantics", "versions"})
+      if (!m.at(k).is_object()) fail(std::string(k) + " must be an object");
+
+    const json& routing = m.at("routing");
+    if (!routing.is_object() || !routing.contains("policy") || !routing.contains("protected_layers"))
+      fail("routing must have policy and protected_layers");
+    if (routing.at("policy") != "routers" && routing.at("policy") != "none")
+      fail("routing.policy must be \"routers\" or \"none\", got " + json_text(routing.at("policy")));
+    const json& prot = routing.at("protected_layers");
+    if (!prot.is_array()) fail("routing.protected_layers must be a list of layer indices");
+    for (const json& x : prot) {
+      int64_t i = -1;
+      if (!strict_int(x, i) || i < 0 || i >= n)
+        fail("routing.protected_layers: " + json_text(x) + " is not a layer index in 0.." + std::to_string(n - 1));
+      f.protected_layers.push_back(i);
+    }
+
+    const json& files = m.at("files");
+    if (!files.is_object()) fail("files must be an object");
+    for (const auto& item : files.items()) {
+      const std::string& rel = item.key();
+      const json& entry = item.value();
+      if (!is_relpath(rel)) fail("files[" + json_text(json(rel)) + "] escapes the bundle");
+      ListedFile lf;
+      lf.name = rel;
+      if (!entry.is_object() || !entry.contains("sha256") || !entry.contains("size") ||
+          !entry.at("sha256").is_string() || !strict_int(entry.at("size"), lf.size))
+        fail("files[" + json_text(json(rel)) + "] needs sha256 and size");
+      lf.sha256 = entry.at("sha256").get<std::string>();
+      if (!is_sha256_hex(lf.sha256)) fail("files[" + json_text(json(rel)) + "].sha256 is not 64 lowercase hex digits");
+      if (lf.size < 0) fail("files[" + json_text(json(rel)) + "].size is negative");
+      f.files.push_back(std::move(lf));
+    }
+    auto listed = [&files](const json& name) { return name.is_string() && files.contains(name.get<std::string>()); };
+
+    const json& backends = m.at("backends");
+    if (!backends.is_object() || backends.empty())
+      fail("backends must be a non-empty object with keys from executorch, onnx");
+    for (const auto& b : backends.items())
+      if (b.key() != "executorch" && b.key() != "onnx") fail("backends must be a non-empty object with keys from executorch, onnx");
+    if (backends.contains("onnx")) {
+      const json& ox = backends.at("onnx");
+      for (const char* k : {"prefill", "decode"})
+        if (!ox.is_object() || !ox.contains(k) || !ox.at(k).is_object() || !ox.at(k).contains("file") ||
+            !listed(ox.at(k).at("file")))
+          fail(std::string("backends.onnx.") + k + ".file is not listed under files");
+    }
+    if (!backends.contains("executorch"))
+      fail("bundle has no ExecuTorch program (backends.executorch missing; ONNX-only bundle?)");
+    const json& et = backends.at("executorch");
+    if (!et.is_object() || !et.contains("file") || !et.at("file").is_string())
+      fail("backends.executorch.file must be the program's path in the bundle");
+    if (!listed(et.at("file"))) fail("backends.executorch.file is not listed under files");
+    f.program = et.at("file").get<std::string>();
+    std::set<std::string> want = {"embed", "route", "head"}, have;
+    for (int64_t i = 0; i < n; ++i) want.insert({"prefill_" + std::to_string(i), "layer_" + std::to_string(i)});
+    if (et.contains("methods") && et.at("methods").is_object())
+      for (const auto& x : et.at("methods").items()) have.insert(x.key());
+    if (have != want)
+      fail("backends.executorch.methods must be embed, route, prefill_0..prefill_" + std::to_string(n - 1) +
+           ", layer_0..layer_" + std::to_string(n - 1) + ", head (a bundle from an older firstkit: export it again)");
+  } catch (const json::exception& e) {  // a value of a type the rules above do not expect
+    fail("malformed manifest (" + json_error_text(e) + ")");
+  }
+  return f;
 }
 
 class RunnerImpl final : public Runner {
@@ -184,86 +376,42 @@ class RunnerImpl final : public Runner {
     info_.bundle_dir = opt.bundle_dir;
     const std::string manifest_path = join(opt.bundle_dir, "manifest.json");
     if (!file_exists(manifest_path)) throw RunnerError("not a bundle: " + manifest_path + " is missing");
-    json::Value manifest;
-    try {
-      manifest = json::parse(read_file(manifest_path));
-    } catch (const RunnerError&) {
-      throw;
-    } catch (const std::exception& e) {
-      throw RunnerError("malformed manifest " + manifest_path + ": " + e.what());
-    }
-    if (!manifest.is_object()) throw RunnerError("malformed manifest " + manifest_path + ": not an object");
+    const ManifestFacts manifest = read_manifest(manifest_path);
     info_.manifest_sha256 = sha256_file(manifest_path);
+    protected_ = manifest.protected_layers;
+    manifest_layers_ = manifest.num_layers;
 
-    // docs/bundle_format.md: format "firstkit-bundle", format_version 1 (checked where present).
-    if (const json::Value* f = manifest.get("format"); f && (!f->is_string() || f->str != "firstkit-bundle"))
-      throw RunnerError("manifest format is not \"firstkit-bundle\"");
-    if (const json::Value* v = manifest.get("format_version"); v && integer_of(v, -1) != 1)
-      throw RunnerError("unsupported bundle format_version " + std::to_string(integer_of(v, -1)) +
-                        " (this runner reads version 1)");
-    if (const json::Value* b = manifest.get("backends"); b && b->is_object() && !b->get("executorch"))
-      throw RunnerError("bundle has no ExecuTorch program (backends.executorch missing; ONNX-only bundle?)");
-    if (const json::Value* pl = manifest.path({"routing", "protected_layers"}); pl && pl->is_array())
-      for (const auto& x : pl->arr)
-        if (x.is_number()) protected_.push_back(integer_of(&x, -1));
-
-    // Which program file: backends.executorch.file (bundle_format.md), a few older spellings, model.pte.
-    std::string pte = "model.pte";
-    for (auto keys : {std::initializer_list<const char*>{"backends", "executorch", "file"},
-                      std::initializer_list<const char*>{"executorch", "file"},
-                      std::initializer_list<const char*>{"executorch", "pte"},
-                      std::initializer_list<const char*>{"executorch", "path"},
-                      std::initializer_list<const char*>{"pte"}}) {
-      const json::Value* v = manifest.path(keys);
-      if (v && v->is_string()) {
-        pte = v->str;
-        break;
-      }
-    }
-    if (pte.find("..") != std::string::npos || (!pte.empty() && pte[0] == '/'))
-      throw RunnerError("manifest names a program outside the bundle: " + pte);
-    std::string pte_path = join(opt.bundle_dir, pte);
-    if (!file_exists(pte_path)) throw RunnerError("bundle has no ExecuTorch program: " + pte_path + " is missing");
+    // Only the files the manifest lists are read, each resolved inside the bundle (no symbolic link out of it),
+    // a regular file, with the listed size and sha256 (docs/bundle_format.md). This runner reads the program
+    // (backends.executorch.file) and tokenizer/tokenizer.json when listed; the ONNX files may be absent (first-bench
+    // pushes only the manifest, the program and the tokenizer files). With --no-verify (files already verified on
+    // the device) only the program's size is checked.
+    const std::string& pte = manifest.program;
+    const std::string tok_name = "tokenizer/tokenizer.json";
     const std::string bundle_real = real_path(opt.bundle_dir);
     if (bundle_real.empty()) throw RunnerError("cannot resolve the bundle folder " + opt.bundle_dir);
-    const std::vector<FileCheck> listed = listed_files(manifest);
-    const std::string tok_name = "tokenizer/tokenizer.json";
-    bool pte_listed = false, tok_listed = false;
-    std::string tok_path;
-
-    for (const FileCheck& c : listed) {
-      if (c.name.find("..") != std::string::npos || (!c.name.empty() && c.name[0] == '/'))
-        throw RunnerError("manifest lists a file outside the bundle: " + c.name);
-      const std::string p = join(opt.bundle_dir, c.name);
-      if (c.name != pte && !file_exists(p)) {
-        if (c.name.rfind("onnx", 0) == 0) continue;  // ONNX files are optional for this runner
-        throw RunnerError("bundle file missing: " + c.name);
+    std::string pte_path, tok_path;
+    for (const ListedFile& c : manifest.files) {
+      const bool is_program = c.name == pte;
+      if (!file_exists(join(opt.bundle_dir, c.name))) {
+        if (is_program)
+          throw RunnerError("bundle has no ExecuTorch program: " + join(opt.bundle_dir, pte) + " is missing");
+        if (c.name.rfind("onnx/", 0) == 0) continue;  // ONNX files are optional for this runner
       }
-      if (c.name == pte || c.name == tok_name) {  // the files this runner reads: resolved inside the bundle
-        const std::string real = checked_bundle_file(bundle_real, opt.bundle_dir, c.name);
-        if (c.name == pte) pte_listed = true, pte_path = real;
-        else tok_listed = true, tok_path = real;
-      }
-      if (c.name != pte && !opt.verify_files) continue;
-      if (c.size >= 0 && file_size(p) != c.size)
-        throw RunnerError("bundle file " + c.name + " has " + std::to_string(file_size(p)) +
-                          " bytes, manifest says " + std::to_string(c.size));
-      if (opt.verify_files && !c.sha256.empty() && (c.name == pte || c.name.rfind("onnx", 0) != 0)) {
-        std::string got = sha256_file(p);
+      const std::string real = checked_bundle_file(bundle_real, opt.bundle_dir, c.name);
+      if (is_program) pte_path = real;
+      else if (c.name == tok_name) tok_path = real;
+      if (!is_program && !opt.verify_files) continue;
+      const int64_t size = file_size(real);
+      if (size != c.size)
+        throw RunnerError("bundle file " + c.name + " has " + std::to_string(size) + " bytes, manifest says " +
+                          std::to_string(c.size));
+      if (opt.verify_files && c.name.rfind("onnx/", 0) != 0) {
+        const std::string got = sha256_file(real);
         if (got != c.sha256) throw RunnerError("sha256 mismatch for " + c.name + ": " + got + " != " + c.sha256);
       }
     }
-
-    // A bundle with a file listing (every first-export bundle) is read through it: an unlisted program or
-    // tokenizer is never read.
-    if (!listed.empty() && !pte_listed) throw RunnerError("the manifest does not list the program " + pte);
-    if (listed.empty()) {
-      pte_path = checked_bundle_file(bundle_real, opt.bundle_dir, pte);
-      if (file_exists(join(opt.bundle_dir, tok_name))) {
-        tok_path = checked_bundle_file(bundle_real, opt.bundle_dir, tok_name);
-        tok_listed = true;
-      }
-    }
+    const bool tok_listed = !tok_path.empty();
 
     if (opt.threads > 0) {
       auto* pool = et::extension::threadpool::get_threadpool();
@@ -320,15 +468,10 @@ class RunnerImpl final : public Runner {
           throw RunnerError(std::string("program lacks method '") + kind + std::to_string(i) +
                             "' (a bundle from an older firstkit? export it again)");
 
-    // Manifest vs program: the layer count must agree where the manifest states it.
-    for (auto keys : {std::initializer_list<const char*>{"num_layers"}, std::initializer_list<const char*>{"n_layers"},
-                      std::initializer_list<const char*>{"model", "num_layers"},
-                      std::initializer_list<const char*>{"model", "n_layers"}}) {
-      const json::Value* v = manifest.path(keys);
-      if (v && v->is_number() && integer_of(v, -1) != info_.num_layers)
-        throw RunnerError("manifest says " + std::to_string(integer_of(v, -1)) + " layers, program has " +
-                          std::to_string(info_.num_layers));
-    }
+    // Manifest vs program: model.num_layers is the program's layer count.
+    if (manifest_layers_ != info_.num_layers)
+      throw RunnerError("manifest says " + std::to_string(manifest_layers_) + " layers (model.num_layers), program has " +
+                        std::to_string(info_.num_layers));
 
     // Load every method now so that no load time lands inside a timed region, on lazily mapped shared arenas.
     std::unordered_map<std::string, std::vector<size_t>> planned;
@@ -389,11 +532,9 @@ class RunnerImpl final : public Runner {
     if (!g.mask_override.empty() && static_cast<int64_t>(g.mask_override.size()) != L)
       throw RunnerError("mask override has " + std::to_string(g.mask_override.size()) + " entries, model has " +
                         std::to_string(L) + " layers");
-    for (int64_t p : protected_) {
-      int64_t i = p < 0 ? p + L : p;
-      if (!g.mask_override.empty() && i >= 0 && i < L && g.mask_override[size_t(i)] == 0)
+    for (int64_t i : protected_)  // checked against the layer count when the manifest was read
+      if (!g.mask_override.empty() && i < L && g.mask_override[size_t(i)] == 0)
         throw RunnerError("mask skips protected layer " + std::to_string(i));
-    }
     if (T + g.max_new_tokens - 1 > info_.max_seq_len)
       throw RunnerError("prompt (" + std::to_string(T) + " tokens) + max_new_tokens (" +
                         std::to_string(g.max_new_tokens) + ") exceeds max_seq_len " +
@@ -565,8 +706,9 @@ class RunnerImpl final : public Runner {
   std::unique_ptr<Module> module_;
   et::etdump::ETDumpGen* etdump_ = nullptr;  // owned by module_
   std::unique_ptr<Detokenizer> detok_;
-  std::unordered_map<std::string, std::string> event_names_;
-  std::vector<int64_t> protected_;  // routing.protected_layers from the manifest  // stable storage for ETDump event names
+  std::unordered_map<std::string, std::string> event_names_;  // stable storage for ETDump event names
+  std::vector<int64_t> protected_;  // routing.protected_layers from the manifest
+  int64_t manifest_layers_ = 0;     // model.num_layers from the manifest
   int threads_ = 0;
   int64_t prefill_chunk_ = 0;     // get_prefill_chunk: most prompt tokens per prefill_i call
   std::vector<int64_t> positions_;  // 0..max_seq_len-1: position inputs are views of it
@@ -605,30 +747,29 @@ double peak_rss_mb() {
 }
 
 std::string RunResult::to_json() const {
-  std::string o = "{";
-  auto key = [&o](const char* k) {
-    if (o.size() > 1) o += ",";
-    o += json::quote(k) + ":";
-  };
-  key("text"); o += json::quote(text);
-  key("tokens"); o += "[";
-  for (size_t i = 0; i < tokens.size(); ++i) o += (i ? "," : "") + std::to_string(tokens[i]);
-  o += "]";
-  key("prompt_tokens"); o += std::to_string(prompt_tokens);
-  key("mask"); o += json::quote(mask);
-  key("skip_ratio"); o += json::number(skip_ratio);
-  key("prefill_ms"); o += json::number(prefill_ms);
-  key("decode_ms_per_token"); o += json::number(decode_ms_per_token);
-  key("decode_ms"); o += "[";
-  for (size_t i = 0; i < decode_ms.size(); ++i) o += (i ? "," : "") + json::number(decode_ms[i]);
-  o += "]";
-  key("tokens_per_s"); o += json::number(tokens_per_s);
-  key("peak_rss_mb"); o += json::number(peak_rss_mb);
-  key("threads"); o += std::to_string(threads);
-  key("backend"); o += json::quote(backend);
-  key("runner"); o += json::quote(runner);
-  key("bundle_sha256"); o += json::quote(bundle_sha256);
-  return o + "}";
+  // Key order and types as docs/CONTRACTS.md ("Run result JSON") and device_bench/schemas/run_result.schema.json;
+  // every number finite (a JSON number, never null). Text cut inside a UTF-8 character (a token boundary) gets
+  // U+FFFD for the broken bytes.
+  auto finite = [](double v) { return std::isfinite(v) ? v : 0.0; };
+  std::vector<double> steps;
+  steps.reserve(decode_ms.size());
+  for (double d : decode_ms) steps.push_back(finite(d));
+  nlohmann::ordered_json o;
+  o["text"] = text;
+  o["tokens"] = tokens;
+  o["prompt_tokens"] = prompt_tokens;
+  o["mask"] = mask;
+  o["skip_ratio"] = finite(skip_ratio);
+  o["prefill_ms"] = finite(prefill_ms);
+  o["decode_ms_per_token"] = finite(decode_ms_per_token);
+  o["decode_ms"] = steps;
+  o["tokens_per_s"] = finite(tokens_per_s);
+  o["peak_rss_mb"] = finite(peak_rss_mb);
+  o["threads"] = threads;
+  o["backend"] = backend;
+  o["runner"] = runner;
+  o["bundle_sha256"] = bundle_sha256;
+  return o.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
 }
 
 }  // namespace firstkit

@@ -38,9 +38,12 @@ namespace firstkit {
 constexpr int kRunnerApiVersion = 1;
 
 /// Any failure of the core: bad bundle, manifest mismatch, method failure, bad argument.
+/// what() is always one line of UTF-8, at most ~500 bytes (control characters, invalid bytes and 4-byte sequences
+/// escaped as \n, \xNN: also valid JNI "modified UTF-8"): a message may quote untrusted input (a file name from a
+/// manifest, a JSON parser's context).
 class RunnerError : public std::runtime_error {
  public:
-  explicit RunnerError(const std::string& what) : std::runtime_error(what) {}
+  explicit RunnerError(const std::string& what);
 };
 
 /// How a bundle is opened.

@@ -5,8 +5,9 @@
 #include <sstream>
 #include <unordered_map>
 
+#include <nlohmann/json.hpp>
+
 #include "first_runner.h"
-#include "json.h"
 
 namespace firstkit {
 namespace {
@@ -46,18 +47,29 @@ uint32_t next_cp(const std::string& s, size_t& i) {
   return cp;
 }
 
-bool mentions(const json::Value* v, const std::string& type) {
-  if (!v) return false;
-  if (v->is_object()) {
-    const json::Value* t = v->get("type");
-    if (t && t->is_string() && t->str == type) return true;
-    for (const auto& kv : v->obj)
-      if (mentions(&kv.second, type)) return true;
-  } else if (v->is_array()) {
-    for (const auto& x : v->arr)
-      if (mentions(&x, type)) return true;
+using nlohmann::json;
+
+// Whether v, or anything inside it, is an object with "type": type (a decoder/pre-tokenizer of that kind,
+// possibly inside a Sequence). Nesting deeper than any real tokenizer.json is not followed.
+bool mentions(const json& v, const std::string& type, int depth = 0) {
+  if (depth > 32) return false;
+  if (v.is_object()) {
+    if (auto t = v.find("type"); t != v.end() && t->is_string() && t->get_ref<const std::string&>() == type)
+      return true;
+    for (const json& x : v)
+      if (mentions(x, type, depth + 1)) return true;
+  } else if (v.is_array()) {
+    for (const json& x : v)
+      if (mentions(x, type, depth + 1)) return true;
   }
   return false;
+}
+
+// A non-negative integer id (JSON integer), or -1.
+int64_t id_of(const json& v) {
+  if (v.is_number_unsigned()) return v.get<uint64_t>() <= uint64_t(INT64_MAX) ? int64_t(v.get<uint64_t>()) : -1;
+  if (v.is_number_integer()) return v.get<int64_t>();
+  return -1;
 }
 
 }  // namespace
@@ -67,39 +79,51 @@ Detokenizer::Detokenizer(const std::string& path) {
   if (!f) throw RunnerError("cannot read tokenizer " + path);
   std::stringstream ss;
   ss << f.rdbuf();
-  json::Value doc;
   try {
-    doc = json::parse(ss.str());
-  } catch (const std::exception& e) {
-    throw RunnerError("malformed tokenizer " + path + ": " + e.what());
-  }
-  const json::Value* vocab = doc.path({"model", "vocab"});
-  if (!vocab) throw RunnerError("tokenizer " + path + " has no model.vocab");
-  auto put = [this](int64_t id, const std::string& tok) {
-    if (id < 0) return;
-    if (size_t(id) >= pieces_.size()) pieces_.resize(size_t(id) + 1);
-    pieces_[size_t(id)] = tok;
-  };
-  if (vocab->is_object()) {
-    for (const auto& kv : vocab->obj)
-      if (kv.second.is_number()) put(kv.second.integer, kv.first);
-  } else if (vocab->is_array()) {  // Unigram: [[piece, score], ...]
-    for (size_t i = 0; i < vocab->arr.size(); ++i)
-      if (vocab->arr[i].is_array() && !vocab->arr[i].arr.empty()) put(int64_t(i), vocab->arr[i].arr[0].str);
-  }
-  if (const json::Value* added = doc.get("added_tokens"); added && added->is_array()) {
-    for (const auto& t : added->arr) {
-      const json::Value* id = t.get("id");
-      const json::Value* content = t.get("content");
-      if (!id || !content) continue;
-      put(id->integer, content->str);
-      const json::Value* sp = t.get("special");
-      if (sp && sp->is_bool() && sp->b) special_.insert(id->integer);
+    const json doc = json::parse(ss.str());
+    if (!doc.is_object()) throw RunnerError("malformed tokenizer " + path + ": not a JSON object");
+    const auto model = doc.find("model");
+    const json* vocab = nullptr;
+    if (model != doc.end() && model->is_object())
+      if (auto v = model->find("vocab"); v != model->end()) vocab = &*v;
+    if (!vocab) throw RunnerError("tokenizer " + path + " has no model.vocab");
+    auto put = [this, &path](int64_t id, const std::string& tok) {
+      if (id < 0) return;
+      if (id >= (int64_t(1) << 24))  // vocabularies have at most a few 100k entries
+        throw RunnerError("malformed tokenizer " + path + ": token id " + std::to_string(id) + " is out of range");
+      if (size_t(id) >= pieces_.size()) pieces_.resize(size_t(id) + 1);
+      pieces_[size_t(id)] = tok;
+    };
+    if (vocab->is_object()) {  // BPE / WordPiece: {piece: id}
+      for (const auto& kv : vocab->items()) put(id_of(kv.value()), kv.key());
+    } else if (vocab->is_array()) {  // Unigram: [[piece, score], ...]
+      for (size_t i = 0; i < vocab->size(); ++i) {
+        const json& e = (*vocab)[i];
+        if (e.is_array() && !e.empty() && e[0].is_string()) put(int64_t(i), e[0].get<std::string>());
+      }
     }
+    if (auto added = doc.find("added_tokens"); added != doc.end() && added->is_array()) {
+      for (const json& t : *added) {
+        if (!t.is_object()) continue;
+        auto id = t.find("id"), content = t.find("content"), sp = t.find("special");
+        if (id == t.end() || content == t.end() || !content->is_string() || id_of(*id) < 0) continue;
+        put(id_of(*id), content->get<std::string>());
+        if (sp != t.end() && sp->is_boolean() && sp->get<bool>()) special_.insert(id_of(*id));
+      }
+    }
+    const json none;
+    auto member = [&doc, &none](const char* k) -> const json& {
+      auto it = doc.find(k);
+      return it == doc.end() ? none : *it;
+    };
+    byte_level_ = mentions(member("decoder"), "ByteLevel") || mentions(member("pre_tokenizer"), "ByteLevel");
+    strip_leading_space_ = mentions(member("decoder"), "Strip");
+  } catch (const json::exception& e) {
+    std::string what = e.what();  // without the "[json.exception.parse_error.101] " prefix
+    if (size_t close = what.find("] "); !what.empty() && what[0] == '[' && close != std::string::npos)
+      what.erase(0, close + 2);
+    throw RunnerError("malformed tokenizer " + path + ": " + what);
   }
-  const json::Value* decoder = doc.get("decoder");
-  byte_level_ = mentions(decoder, "ByteLevel") || mentions(doc.get("pre_tokenizer"), "ByteLevel");
-  strip_leading_space_ = mentions(decoder, "Strip");
 }
 
 std::string Detokenizer::decode(const std::vector<int64_t>& ids) const {

@@ -20,6 +20,8 @@
 #define FIRST_LOG(...) ((void)0)
 #endif
 
+#include <nlohmann/json.hpp>
+
 #include "first_runner.h"
 
 namespace {
@@ -111,13 +113,16 @@ firstkit::Runner* runner_of(JNIEnv* env, jlong handle) {
 }
 
 std::string info_json(const firstkit::BundleInfo& info) {
-  std::string eos;
-  for (size_t k = 0; k < info.eos_ids.size(); ++k) eos += (k ? "," : "") + std::to_string(info.eos_ids[k]);
-  return std::string("{\"bundle_sha256\":\"") + info.manifest_sha256 + "\",\"num_layers\":" +
-         std::to_string(info.num_layers) + ",\"max_seq_len\":" + std::to_string(info.max_seq_len) +
-         ",\"vocab_size\":" + std::to_string(info.vocab_size) + ",\"bos_id\":" + std::to_string(info.bos_id) +
-         ",\"eos_ids\":[" + eos + "],\"has_tokenizer\":" + (info.has_tokenizer ? "true" : "false") +
-         ",\"api_version\":" + std::to_string(firstkit::kRunnerApiVersion) + "}";
+  nlohmann::ordered_json o;
+  o["bundle_sha256"] = info.manifest_sha256;
+  o["num_layers"] = info.num_layers;
+  o["max_seq_len"] = info.max_seq_len;
+  o["vocab_size"] = info.vocab_size;
+  o["bos_id"] = info.bos_id;
+  o["eos_ids"] = info.eos_ids;
+  o["has_tokenizer"] = info.has_tokenizer;
+  o["api_version"] = firstkit::kRunnerApiVersion;
+  return o.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
 }
 
 }  // namespace
