@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from fakes.adbd import LoopbackAdbd
 from test_bench_support import adb_server, bundle_copy, read_jsonl, runner, tiny_bundle, tmpdir
 
 from firstkit.device_bench.cli import main
 from firstkit.device_bench.store import RECORD_SCHEMA, ResultStore
-from firstkit.device_bench.testing.adbd import LoopbackAdbd
 from firstkit.runtime.cli import main as run_main
 
 

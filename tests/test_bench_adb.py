@@ -8,11 +8,11 @@ import subprocess
 
 import pytest
 from click.testing import CliRunner
+from fakes.adbd import LoopbackAdbd
 from test_bench_support import adb_server, need, read_jsonl, run_json, runner, tiny_bundle, tmpdir
 
 from firstkit.device_bench.adb import Adb
 from firstkit.device_bench.cli import main
-from firstkit.device_bench.testing.adbd import LoopbackAdbd
 
 WEIRD = "dev root 'q' \"dq\" $x;y"
 

@@ -1,7 +1,7 @@
 """first-bench --app: the demo app's headless benchmark driven over the real adb client, end to end.
 
-The phone is a loopback adbd (device_bench/testing/adbd.py) with the demo app "installed"
-(device_bench/testing/fake_android.py): ``am``, ``pm`` and ``pidof`` on the device's PATH start the app's real
+The phone is a loopback adbd (tests/fakes/adbd.py) with the demo app "installed"
+(tests/fakes/fake_android.py): ``am``, ``pm`` and ``pidof`` on the device's PATH start the app's real
 headless entry point (``Benchmark.runIntent``, what BenchmarkActivity calls) from android_demo/logic compiled with
 javac, with the app's JNI bridge built for Linux against the shared C++ runner core. So the records first-bench
 stores come from the core through the app's Java code; only Android itself is stood in for.
@@ -17,13 +17,13 @@ import subprocess
 
 import pytest
 from click.testing import CliRunner
+from fakes.adbd import LoopbackAdbd
+from fakes.fake_android import FakeAndroidError, FakeApp, jni_library, logic_classes
 from test_bench_support import adb_server, read_jsonl, run_json, runner, tiny_bundle, tmpdir
 
 from firstkit.device_bench import SCHEMA_PATH
 from firstkit.device_bench.cli import main
 from firstkit.device_bench.store import check_result, schema_errors
-from firstkit.device_bench.testing.adbd import LoopbackAdbd
-from firstkit.device_bench.testing.fake_android import FakeAndroidError, FakeApp, jni_library, logic_classes
 
 WEIRD = "phone 'q' \"dq\" $x;y"  # the device's home: every path first-bench sends goes through a shell
 

@@ -12,7 +12,7 @@ directory is ``<device root>/sdcard/Android/data/org.firstkit.demo/files`` (pass
 Both builds are cached under ``$FIRSTKIT_CACHE/android-host`` (default ``~/.cache/firstkit/android-host``), keyed
 by a hash of their sources, like first-build-runner's runner cache.
 
-Run standalone: ``python -m firstkit.device_bench.testing.fake_android --root DIR`` (then
+Run standalone: ``python -m fakes.fake_android (from tests/) --root DIR`` (then
 ``first-bench BUNDLE --device 127.0.0.1:PORT --app --app-dir DIR/sdcard/Android/data/org.firstkit.demo/files``).
 """
 
@@ -198,7 +198,7 @@ class FakeApp:
                             f'  exec {py} {shim} {st} pidof "$@"\nfi\n{fallback}\n')
         for name, body in scripts.items():
             p = bin_dir / name
-            p.write_text("#!/bin/sh\n# firstkit loopback stand-in (device_bench/testing/fake_android.py)\n" + body)
+            p.write_text("#!/bin/sh\n# firstkit loopback stand-in (tests/fakes/fake_android.py)\n" + body)
             p.chmod(0o755)
         return self
 

@@ -11,7 +11,7 @@ through adb. An ``arch="aarch64"`` device reports ``uname -m`` = aarch64 and set
 Fault injection (``LoopbackAdbd.faults``, changeable while running) lets tests simulate a device
 that disconnects mid-run, a failing push, full storage, a crashing or hanging runner.
 
-Run standalone: ``python -m firstkit.device_bench.testing.adbd --root DIR [--port N] [--arch aarch64]``.
+Run standalone: ``python -m fakes.adbd (from tests/) --root DIR [--port N] [--arch aarch64]``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``am``, ``pm`` and ``pidof`` for a loopback device that stands in for a phone with the firstkit demo app.
 
 Standard library only (it runs for every ``adb shell am ...`` and must start fast); installed by
-:mod:`firstkit.device_bench.testing.fake_android`, which writes ``STATE/config.json``:
+:mod:`fakes.fake_android`, which writes ``STATE/config.json``:
 
     {"package": "org.firstkit.demo", "files_dir": "...", "installed": true, "java": "java",
      "classes": "<compiled android_demo/logic>", "org_json": "<org.json jar>", "jni_dir": "<dir of libfirstkit_jni.so>"}
