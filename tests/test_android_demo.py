@@ -7,8 +7,10 @@
   plain-Java logic module (android_demo/logic, compiled with javac) to run a bundle written by the real
   ``first-export``: tokens, text and mask equal the Python runtime (first-run), results validate against
   device_bench/schemas/run_result.schema.json.
-- The plain-Java logic agrees with the Python side: manifest validation (firstkit.runtime.bundle), prompt
-  encoding (Hugging Face tokenizers + chat template), mask specs (the core's parse_mask_spec).
+- The plain-Java logic agrees with the Python side: manifest validation (firstkit.runtime.bundle, including the
+  manifest's ``chat_template``), prompt encoding (first-run's ``BundleRunner.encode`` with and without a chat template
+  in the manifest; Hugging Face tokenizers + ``apply_chat_template``), mask specs (the core's parse_mask_spec, and
+  Python's ``firstkit.mask_spec.parse_mask_spec`` for protected layers).
 
 System packages: openjdk-17-jdk-headless (javac, jni.h), libandroid-json-java (org.json, which Android has built in
 and the logic module parses JSON with), aapt and android-framework-res (resources).
@@ -29,6 +31,8 @@ from pathlib import Path
 
 import pytest
 from test_bench_support import bundle_copy, tiny_bundle  # one shared tiny bundle and its copies
+from test_export_support import TINY_CHAT_TEMPLATE
+from test_export_support import tiny_bundle as export_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "android_demo"
@@ -39,6 +43,8 @@ FRAMEWORK_RES = Path("/usr/share/android-framework-res/framework-res.apk")
 ORG_JSON = Path("/usr/share/java/com.android.json.jar")  # Android's org.json for the JVM (libandroid-json-java)
 ANDROID_NS = "{http://schemas.android.com/apk/res/android}"
 PROMPT = "Hello, w"
+#: prompts for the encoder comparisons (a chat prompt must still fit the tiny bundles' 24 tokens with the template)
+PROMPTS = [PROMPT, "Hi", "ünï ✓", "😀!", "a\nb\t", "<|u|>x"]
 _ROOT = Path(tempfile.mkdtemp(prefix="firstkit-android-tests-"))
 
 
@@ -113,6 +119,13 @@ def logic_tool(*args, check: bool = True, timeout: int = 300) -> subprocess.Comp
     if check:
         assert res.returncode == 0, res.stderr
     return res
+
+
+def chat_bundle() -> Path:
+    """The tiny gemma3_text bundle from the real first-export: its tokenizer has a chat template, so its manifest has
+    ``chat_template`` (the llama one, ``tiny_bundle()``, has none: its prompts are plain text)."""
+    bundle, _ = export_bundle("gemma3_text")
+    return bundle
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -263,21 +276,48 @@ def test_java_mask_rules_equal_the_core(spec, n):
         assert "mask" in java.stderr
 
 
-def _python_runtime(bundle: Path, prompt_ids: list[int], mask: str, n: int):
-    from firstkit.runtime import load_bundle
+@pytest.mark.parametrize("spec,n,protected", [("0110", 4, [0, 3]), ("1111", 4, [0, 3]), ("1110", 4, [0, 3]),
+                                              ("0111", 4, [3, 0]), ("1101", 4, [-1, 2]), ("10", 2, [0]),
+                                              ("01", 2, [0]), ("all", 3, [0, 1, 2]), ("auto", 3, [0]),
+                                              ("110", 3, []), ("1x1", 3, [0]), ("11", 3, [0])])
+def test_java_mask_protected_layers_equal_python(spec, n, protected):
+    """MaskFormat.parseSpec refuses a mask that skips a protected layer, as firstkit.mask_spec.parse_mask_spec and
+    the core do ("mask skips protected layer i": the first skipped one, in the manifest's order)."""
+    from firstkit.mask_spec import parse_mask_spec
 
-    return load_bundle(bundle).generate(prompt_ids, max_new_tokens=n, mask=mask, stop_at_eos=False)
+    java = logic_tool("mask", spec, n, ",".join(map(str, protected)), check=False)
+    try:
+        want, why = parse_mask_spec(spec, n, protected), None
+    except ValueError as e:
+        want, why = None, str(e)
+    if why is None:
+        assert java.returncode == 0, java.stderr
+        got = json.loads(java.stdout)
+        assert (got or [-1] * n) == want
+    else:
+        assert java.returncode == 1, java.stdout
+        msg = java.stderr.strip().splitlines()[-1].removeprefix("error: ")
+        m = re.match(r"mask skips protected layer (\d+) \(protected: ", why)
+        assert (msg == f"mask skips protected layer {m.group(1)}") if m else ("protected" not in msg), (msg, why)
 
 
-@pytest.mark.parametrize("mask", ["auto", "all", "1001"])
-def test_headless_benchmark_equals_python_runtime(mask, tmp_path):
-    """BenchmarkActivity's logic on the JVM: manifest check, on-device prompt encoding, JNI core, JSON lines."""
+@pytest.mark.parametrize("chat,mask", [(False, "auto"), (False, "all"), (False, "1001"), (True, "auto"),
+                                       (True, "10")])
+def test_headless_benchmark_equals_python_runtime(chat, mask, tmp_path):
+    """BenchmarkActivity's logic on the JVM: manifest check, on-device prompt encoding, JNI core, JSON lines; a
+    text prompt gives first-run's prompt, tokens, text and mask, plain text (llama bundle) and as a user turn of the
+    manifest's chat_template (gemma3_text bundle)."""
     import jsonschema
 
-    bundle = tiny_bundle()
+    from firstkit.runtime import load_bundle
+
+    bundle = chat_bundle() if chat else tiny_bundle()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert (manifest["chat_template"] is not None) == chat
+    n_new = 6 if chat else 10  # the chat prompt is 19 tokens: 19 + 6 - 1 fills max_seq_len 24
     out = tmp_path / "bench.jsonl"
-    res = logic_tool("bench", f"bundle={bundle}", f"prompt={PROMPT}", "max_new_tokens=10", "runs=2", "warmup=1",
-                     f"mask={mask}", "ignore_eos=true", f"out={out}", "threads=1")
+    res = logic_tool("bench", f"bundle={bundle}", f"prompt={PROMPT}", f"max_new_tokens={n_new}", "runs=2",
+                     "warmup=1", f"mask={mask}", "ignore_eos=true", f"out={out}", "threads=1")
     status = json.loads(Path(f"{out}.done").read_text())
     assert status == {"ok": True, "runs": 2, "error": None}, res.stderr
     lines = out.read_text().splitlines()
@@ -285,18 +325,23 @@ def test_headless_benchmark_equals_python_runtime(mask, tmp_path):
     schema = json.loads((REPO / "device_bench" / "schemas" / "run_result.schema.json").read_text())
     from firstkit.runtime.bundle import manifest_sha256
 
-    prompt_ids = json.loads(logic_tool("encode", bundle / "tokenizer", PROMPT).stdout)
-    ref = _python_runtime(bundle, prompt_ids, mask, 10)
+    # first-run: the same text through BundleRunner.encode (the manifest's chat_template, or plain text)
+    runner = load_bundle(bundle, threads=1)
+    prompt_ids = runner.encode(PROMPT)
+    ref = runner.generate(PROMPT, max_new_tokens=n_new, mask=mask, stop_at_eos=False)
+    assert len(prompt_ids) == len(PROMPT.encode()) + (11 if chat else 0)  # byte tokens, template around the turn
+    assert json.loads(logic_tool("encode", bundle, PROMPT).stdout) == prompt_ids
+    n_layers = manifest["model"]["num_layers"]
     for line in lines:
         r = json.loads(line)
         jsonschema.validate(r, schema)
         assert r["runner"] == "android" and r["backend"] == "executorch" and r["threads"] == 1
         assert r["bundle_sha256"] == manifest_sha256(bundle)
-        assert r["prompt_tokens"] == len(prompt_ids)
+        assert r["prompt_tokens"] == ref["prompt_tokens"] == len(prompt_ids)
         assert r["tokens"] == ref["tokens"] and r["mask"] == ref["mask"] and r["text"] == ref["text"]
-        assert len(r["tokens"]) == 10 and len(r["decode_ms"]) == 9
+        assert len(r["tokens"]) == n_new and len(r["decode_ms"]) == n_new - 1
         if mask != "auto":
-            assert r["mask"] == ("1111" if mask == "all" else mask)
+            assert r["mask"] == ("1" * n_layers if mask == "all" else mask)
     # the Java result validator accepts what the core wrote
     assert len(logic_tool("result", out).stdout.splitlines()) == 2
 
@@ -319,13 +364,25 @@ def test_streamed_text_and_utf8_through_jni():
     assert events[-1]["text"] == result["text"] and result["mask"] == "1111"
 
 
-def test_prompt_encoding_on_device_equals_first_run():
-    from transformers import AutoTokenizer
+@pytest.mark.parametrize("chat", [False, True])
+def test_prompt_encoding_on_device_equals_first_run(chat):
+    """The app's prompt ids (LogicTool encode: the manifest's chat_template + BpeTokenizer) are first-run's
+    (BundleRunner.encode), with a chat template in the manifest and without one, and with --raw."""
+    from firstkit.runtime import load_bundle
 
-    bundle = tiny_bundle()
-    hf = AutoTokenizer.from_pretrained(bundle / "tokenizer")
-    ids = json.loads(logic_tool("encode", bundle / "tokenizer", PROMPT).stdout)
-    assert ids == hf(PROMPT).input_ids
+    bundle = chat_bundle() if chat else tiny_bundle()
+    template = json.loads((bundle / "manifest.json").read_text())["chat_template"]
+    if chat:  # the export rendered the tokenizer's template around one user turn
+        assert template == {"prefix": "<|u|>", "suffix": "\n<|a|>"} and TINY_CHAT_TEMPLATE["gemma3_text"]
+    else:
+        assert template is None and TINY_CHAT_TEMPLATE["llama"] is None
+    runner = load_bundle(bundle, threads=1)
+    for p in PROMPTS:
+        ids = json.loads(logic_tool("encode", bundle, p).stdout)
+        assert ids == runner.encode(p), p
+        assert ids == list((template["prefix"] + p + template["suffix"] if chat else p).encode())  # byte tokens
+        assert json.loads(logic_tool("encode", bundle, p, "--raw").stdout) == runner.encode(p, chat=False), p
+    _one_line_error(logic_tool("encode", bundle, "", check=False), "empty prompt")
 
 
 def test_benchmark_errors_are_reported_not_crashed(tmp_path):
@@ -343,10 +400,12 @@ def test_benchmark_errors_are_reported_not_crashed(tmp_path):
     res = logic_tool("bench", f"bundle={tiny_bundle()}", "prompt_ids=1,2,3", "mask=10", f"out={out}", check=False)
     status = json.loads(Path(f"{out}.done").read_text())
     assert res.returncode == 1 and status["ok"] is False and "2 bits, model has 4 layers" in status["error"]
-    # a mask that skips a protected layer (routing.protected_layers = [0, 3]) is refused by the core
-    logic_tool("bench", f"bundle={tiny_bundle()}", "prompt_ids=1,2,3", "mask=0111", f"out={out}", check=False)
-    status = json.loads(Path(f"{out}.done").read_text())
-    assert status["ok"] is False and "protected layer 0" in status["error"]
+    # a mask that skips a protected layer (routing.protected_layers = [0, 3]) is refused by MaskFormat.parseSpec,
+    # in the core's words, before the core is loaded
+    for bits, layer in [("0111", 0), ("1110", 3), ("0110", 0)]:
+        logic_tool("bench", f"bundle={tiny_bundle()}", "prompt_ids=1,2,3", f"mask={bits}", f"out={out}", check=False)
+        status = json.loads(Path(f"{out}.done").read_text())
+        assert status["ok"] is False and status["error"] == f"mask skips protected layer {layer}", status
     # a prompt longer than the bundle's max_seq_len: the core refuses it
     long_ids = ",".join(["5"] * 30)
     logic_tool("bench", f"bundle={tiny_bundle()}", f"prompt_ids={long_ids}", f"out={out}", check=False)
@@ -390,14 +449,32 @@ def _manifest_variants(good: dict) -> list[dict]:
     variant(lambda m: m["backends"]["executorch"].update(file="other.pte"))
     variant(lambda m: m["backends"]["executorch"]["methods"].pop("layer_2"))
     variant(lambda m: m["backends"]["onnx"]["decode"].update(file="onnx/missing.onnx"))
+    # chat_template (JSON schema: null or an object with string prefix and suffix), checked after the rules above
+    for bad in ["<|im_start|>user\n{{ content }}", 5, 1.5e-07, True, [], {}, {"prefix": "a"}, {"suffix": "b"},
+                {"prefix": 1, "suffix": "b"}, {"prefix": "a", "suffix": None}, {"prefix": ["x"], "suffix": 2.0},
+                {"suffix": {"k": 1}}, {"x": [1, 2.5, None, False, "it's", 'say "hi"', "both ' \"", "\\"]},
+                "tab\t nl\n\x01 \x7f \u00a0 é ✓ \u2028 \U0001f600 \ud800" + "y" * 300]:
+        variant(lambda m, bad=bad: m.update(chat_template=bad))
+    variant(lambda m: m.update(format="other", chat_template=5))  # the first rule that fails names the problem
     return out
+
+
+def _good_manifest_variants(good: dict) -> list[dict]:
+    """Manifests both accept: chat_template absent, null or any object with string prefix and suffix."""
+    without = copy.deepcopy(good)
+    without.pop("chat_template", None)
+    return [without, {**good, "chat_template": None}, {**good, "chat_template": {"prefix": "", "suffix": ""}},
+            {**good, "chat_template": {"suffix": "\n<|a|>", "prefix": "<|u|>", "extra": 1}}]
 
 
 def test_manifest_check_equals_python_runtime(tmp_path):
     from firstkit.runtime.bundle import BundleError, validate_manifest
 
     good = json.loads((tiny_bundle() / "manifest.json").read_text())
-    variants = _manifest_variants(good)
+    chat_good = json.loads((chat_bundle() / "manifest.json").read_text())
+    bad = _manifest_variants(good)[1:]
+    accepted = [good, chat_good, *_good_manifest_variants(good)]
+    variants = accepted + bad
     f = tmp_path / "manifests.json"
     f.write_text(json.dumps(variants))
     java = json.loads(logic_tool("check-manifests", f).stdout)
@@ -409,7 +486,8 @@ def test_manifest_check_equals_python_runtime(tmp_path):
         except BundleError as e:
             perr = str(e)
         assert jerr == perr, (jerr, perr)
-    assert java[0] is None and all(e is not None for e in java[1:])
+    assert all(e is None for e in java[: len(accepted)]) and all(e is not None for e in java[len(accepted):])
+    assert sum("chat_template" in e for e in java[len(accepted):]) == 14
 
 
 def test_manifest_file_checks(tmp_path):
@@ -463,13 +541,22 @@ def test_malformed_json_gives_one_line_errors(tmp_path):
         _one_line_error(logic_tool("result", results, check=False), why)
     tok = tmp_path / "tok"
     tok.mkdir()
+    texts = tmp_path / "texts.json"
+    texts.write_text('["a"]')
     for doc, why in [('{"model": {"type": "BPE"', "tokenizer: tokenizer.json: invalid JSON"),
                      ({"model": {"type": "BPE", "vocab": {"a": "x"}, "merges": []}}, "model.vocab must hold integers"),
                      ({"model": {"type": "BPE", "vocab": {"a": 0}}}, "model.merges is missing"),
                      ({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [3]}}, "model.merges must hold strings"),
                      ({"model": []}, "tokenizer: model must be an object")]:
         (tok / "tokenizer.json").write_text(doc if isinstance(doc, str) else json.dumps(doc))
-        _one_line_error(logic_tool("encode", tok, "a", "--raw", check=False), why)
+        _one_line_error(logic_tool("encode-json", tok, texts, check=False), why)
+    # a chat_template value given to the encoder is checked like the manifest's, in the Python runtime's words
+    shutil.copy(tiny_bundle() / "tokenizer" / "tokenizer.json", tok / "tokenizer.json")
+    template = tmp_path / "template.json"
+    for value, why in [('{"prefix": "a"', "invalid JSON"), ('{"prefix": "a"}', "chat_template: 'suffix' is a required"),
+                       ('"<|im_start|>"', "chat_template: '<|im_start|>' is not valid under any of the given schemas")]:
+        template.write_text(value)
+        _one_line_error(logic_tool("encode-json", tok, texts, template, check=False), str(template), why)
     # a non-object in check-manifests is refused with the Python runtime's message
     from firstkit.runtime.bundle import BundleError, validate_manifest
 
@@ -518,13 +605,18 @@ def _compare_tokenizer(tok_dir: Path, tmp_path: Path) -> None:
     hf = AutoTokenizer.from_pretrained(tok_dir)
     f = tmp_path / "texts.json"
     f.write_text(json.dumps(TEXTS))
-    raw = json.loads(logic_tool("encode-json", tok_dir, f, "--raw").stdout)
+    from firstkit.export.pipeline import render_chat_template
+
+    raw = json.loads(logic_tool("encode-json", tok_dir, f).stdout)
     assert raw == [hf(t).input_ids for t in TEXTS]
     prompts = [t for t in TEXTS if t]
     f.write_text(json.dumps(prompts))
-    chat = json.loads(logic_tool("encode-json", tok_dir, f).stdout)
+    # the chat_template first-export writes into the manifest, given to the app's encoder as the manifest holds it
+    template = tmp_path / "chat_template.json"
+    template.write_text(json.dumps(render_chat_template(hf)))
+    chat = json.loads(logic_tool("encode-json", tok_dir, f, template).stdout)
     expected = []
-    for p in prompts:  # exactly FirstModel.encode_chat / first-run
+    for p in prompts:  # exactly FirstModel.encode_chat (Jinja, in Python)
         text = hf.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         expected.append(hf(text, add_special_tokens=False).input_ids)
     assert chat == expected
@@ -552,7 +644,8 @@ def test_unsupported_tokenizer_is_refused_clearly(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.normalizer = normalizers.Lowercase()
     tok.save(str(tmp_path / "tokenizer.json"))
-    res = logic_tool("encode", tmp_path, "a", "--raw", check=False)
+    (tmp_path / "texts.json").write_text('["a"]')
+    res = logic_tool("encode-json", tmp_path, tmp_path / "texts.json", check=False)
     assert res.returncode == 1 and "only BPE models are supported" in res.stderr
 
 

@@ -22,6 +22,14 @@ TINY_MAX_SEQ = 24
 #: prompts longer than this are prefilled in chunks: prompt lengths 1..TINY_MAX_SEQ take 1 to 3 chunks
 TINY_PREFILL_CHUNK = 8
 _ROOT = Path(tempfile.mkdtemp(prefix="firstkit-export-tests-"))
+#: chat template of the saved tokenizer per arch, rendered into the bundle's manifest (``chat_template``) by the export:
+#: gemma3_text gets a small ChatML-style one so the chat path runs end to end (one-letter role markers: a prompt plus
+#: the template, 11 byte tokens, must fit TINY_MAX_SEQ); llama has none, so its prompts are plain text
+TINY_CHAT_TEMPLATE = {
+    "llama": None,
+    "gemma3_text": ("{% for m in messages %}<|{{ m['role'][0] }}|>{{ m['content'] }}\n{% endfor %}"
+                    "{% if add_generation_prompt %}<|a|>{% endif %}"),
+}
 
 
 def byte_tokenizer():
@@ -62,7 +70,9 @@ def tiny_folders(arch: str) -> tuple[Path, Path]:
     router_dir = _ROOT / f"{arch}-routers"
     base = fm.unwrap_layers()
     base.save_pretrained(model_dir)
-    byte_tokenizer().save_pretrained(model_dir)
+    tok = byte_tokenizer()
+    tok.chat_template = TINY_CHAT_TEMPLATE[arch]
+    tok.save_pretrained(model_dir)
     fm.routers.meta.update({"threshold": 0.5, "never_skip": TINY_NEVER_SKIP[arch]})
     fm.routers.save_pretrained(router_dir)
     return model_dir, router_dir

@@ -5,7 +5,6 @@ import org.firstkit.demo.logic.BpeTokenizer
 import org.firstkit.demo.logic.BundleManifest
 import org.firstkit.demo.logic.MaskFormat
 import org.firstkit.demo.logic.NativeRunner
-import org.firstkit.demo.logic.PromptFormat
 import org.firstkit.demo.logic.RunResult
 
 /**
@@ -16,8 +15,7 @@ class FirstSession private constructor(
     val dir: File,
     val manifest: BundleManifest,
     private val runner: NativeRunner,
-    private val tokenizer: BpeTokenizer?,
-    private val format: PromptFormat
+    private val tokenizer: BpeTokenizer?
 ) : AutoCloseable {
 
     companion object {
@@ -38,19 +36,21 @@ class FirstSession private constructor(
             }
             val tokDir = File(dir, "tokenizer")
             val tokenizer = if (File(tokDir, "tokenizer.json").isFile) BpeTokenizer.fromDirectory(tokDir) else null
-            val format = PromptFormat.fromTokenizerDir(tokDir)
             // Hashes were just checked in Java: the core re-checks sizes only.
             val runner = NativeRunner.load(dir.absolutePath, threads, false)
-            return FirstSession(dir, manifest, runner, tokenizer, format)
+            return FirstSession(dir, manifest, runner, tokenizer)
         }
     }
 
     val numLayers: Int get() = manifest.numLayers
 
-    /** Prompt text to token ids (chat template of the bundle's tokenizer, like first-run). */
+    /**
+     * Prompt text to token ids like first-run: a user turn of the chat template the export rendered into the
+     * manifest (chat_template), or the plain text when the bundle has none.
+     */
     fun encode(prompt: String): LongArray {
         val tok = tokenizer ?: throw IllegalStateException("bundle has no tokenizer/tokenizer.json")
-        return format.encode(tok, prompt)
+        return manifest.promptFormat.encode(tok, prompt)
     }
 
     /**
@@ -58,7 +58,7 @@ class FirstSession private constructor(
      * decoded text after each token and returns false to stop.
      */
     fun generate(prompt: LongArray, maxNewTokens: Int, routed: Boolean, onText: (String) -> Boolean): RunResult {
-        val override = if (routed) null else MaskFormat.parseSpec("all", numLayers)
+        val override = if (routed) null else MaskFormat.parseSpec("all", numLayers, manifest.protectedLayers)
         val json = runner.generate(prompt, maxNewTokens, override, true) { _, _, text -> onText(text) }
         return RunResult.parse(json)
     }

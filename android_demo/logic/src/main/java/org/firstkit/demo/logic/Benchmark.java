@@ -69,11 +69,15 @@ public final class Benchmark {
       BundleManifest manifest = BundleManifest.read(new File(req.bundle), req.verify);
       if (!manifest.hasExecutorch()) throw new BundleException(req.bundle + ": bundle has no ExecuTorch program");
       long[] prompt = req.promptIds;
-      if (prompt == null) {
+      if (prompt == null) {  // a user turn of the manifest's chat_template, or plain text without one
         File tokDir = new File(req.bundle, "tokenizer");
-        prompt = PromptFormat.fromTokenizerDir(tokDir).encode(BpeTokenizer.fromDirectory(tokDir), req.prompt);
+        if (!new File(tokDir, "tokenizer.json").isFile()) {
+          throw new BundleException(req.bundle + ": bundle has no tokenizer; pass prompt_ids");
+        }
+        BpeTokenizer tok = BpeTokenizer.fromDirectory(tokDir);
+        prompt = manifest.promptFormat.encode(tok, req.prompt);
       }
-      long[] override = MaskFormat.parseSpec(req.mask, manifest.numLayers);
+      long[] override = MaskFormat.parseSpec(req.mask, manifest.numLayers, manifest.protectedLayers);
       // sha256 of every file was just checked above (when req.verify): the core re-checks sizes only.
       try (NativeRunner runner = NativeRunner.load(req.bundle, req.threads, false)) {
         for (int w = 0; w < req.warmup; w++) runner.generate(prompt, req.maxNewTokens, override, !req.ignoreEos, null);

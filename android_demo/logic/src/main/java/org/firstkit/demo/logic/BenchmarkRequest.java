@@ -15,7 +15,8 @@ import java.util.Set;
  * <pre>
  *   bundle          bundle directory on the device (required)
  *   prompt_ids      comma-separated prompt token ids (or:)
- *   prompt          prompt text, encoded on the device with the bundle's tokenizer and chat template
+ *   prompt          prompt text, encoded on the device with the bundle's tokenizer as a user turn of the
+ *                   manifest's chat_template (plain text when the bundle has none), like first-run
  *   max_new_tokens  default 32
  *   threads         ExecuTorch thread-pool size, 0 = library default
  *   mask            auto | all | 0/1 bits (default auto)
@@ -59,7 +60,7 @@ public final class BenchmarkRequest {
     warmup = intExtra(e, "warmup", 0, 0);
     runs = intExtra(e, "runs", 1, 1);
     mask = e.getOrDefault("mask", "auto");
-    MaskFormat.checkSpec(mask);  // the length is checked by MaskFormat.parseSpec once the bundle is read
+    MaskFormat.checkSpec(mask);  // length and protected layers: MaskFormat.parseSpec once the bundle is read
     ignoreEos = boolExtra(e, "ignore_eos", false);
     verify = boolExtra(e, "verify", true);
   }

@@ -53,6 +53,10 @@ public final class BundleManifest {
   public final List<Long> eosIds;
   public final List<Integer> protectedLayers;
   public final String policy;
+  /** model.vocab_size (0 when it is not an integer: then prompt ids are not range-checked here). */
+  public final long vocabSize;
+  /** How prompts become ids: the manifest's {@code chat_template} (rendered at export), or plain text without one. */
+  public final PromptFormat promptFormat;
   /** The ExecuTorch program file (backends.executorch.file), or null for an ONNX-only bundle. */
   public final String pteFile;
   public final List<FileEntry> files;
@@ -65,6 +69,9 @@ public final class BundleManifest {
     this.architecture = String.valueOf(get(model, "architecture"));
     this.numLayers = (int) ((Number) get(model, "num_layers")).longValue();
     this.maxSeqLen = ((Number) get(raw, "max_seq_len")).longValue();
+    Object vs = get(model, "vocab_size");
+    this.vocabSize = JsonText.isInt(vs) && ((Number) vs).longValue() > 0 ? ((Number) vs).longValue() : 0;
+    this.promptFormat = PromptFormat.fromChatTemplate(get(raw, "chat_template"), vocabSize);
     List<Long> eos = new ArrayList<>();
     Object e = get(model, "eos_ids");
     if (e instanceof JSONArray) {
@@ -250,6 +257,56 @@ public final class BundleManifest {
         }
       }
     }
+    // the Python runtime checks types with the JSON schema after the rules above: chat_template is its concern
+    String problem = chatTemplateProblem(get(m, "chat_template"));
+    if (problem != null) throw new BundleException(where + ": " + problem);
+  }
+
+  /**
+   * Checks a {@code chat_template} value (JSON null / absent, or an object with string {@code prefix} and
+   * {@code suffix}, device_bench/schemas/manifest.schema.json); {@code where} names its document in the message.
+   */
+  public static void checkChatTemplate(Object value, String where) throws BundleException {
+    String problem = chatTemplateProblem(value);
+    if (problem != null) throw new BundleException(where + ": " + problem);
+  }
+
+  /**
+   * The schema's complaint about a {@code chat_template} value, worded as the Python runtime reports it
+   * ({@code schema_error}: jsonschema's {@code best_match} over the {@code oneOf [null, object]}, cut to one line of
+   * 240 characters), or null when the value is valid. best_match descends into the branch errors only when one is
+   * strictly the most relevant: the deepest first (a non-string {@code prefix} before {@code suffix}), then one that
+   * matches the instance's type (a missing key of an object); ties keep the {@code oneOf} message.
+   */
+  static String chatTemplateProblem(Object v) {
+    if (v == null || v == JSONObject.NULL) return null;
+    String msg;
+    if (!(v instanceof JSONObject)) {
+      msg = "chat_template: " + pyRepr(v) + " is not valid under any of the given schemas";
+    } else {
+      JSONObject t = (JSONObject) v;
+      List<String> missing = new ArrayList<>();
+      msg = null;
+      for (String key : new String[] {"prefix", "suffix"}) {
+        if (!t.has(key)) {
+          missing.add(key);
+        } else if (msg == null && !(t.opt(key) instanceof String)) {
+          msg = "chat_template." + key + ": " + pyRepr(t.opt(key)) + " is not of type 'string'";
+        }
+      }
+      if (msg == null && missing.size() == 1) {
+        msg = "chat_template: " + pyRepr(missing.get(0)) + " is a required property";
+      }
+      if (msg == null && missing.size() == 2) {
+        msg = "chat_template: " + pyRepr(v) + " is not valid under any of the given schemas";
+      }
+      if (msg == null) return null;
+    }
+    int limit = 240;  // Python's one_line(problem, 240), in code points
+    if (msg.codePointCount(0, msg.length()) > limit) {
+      msg = msg.substring(0, msg.offsetByCodePoints(0, limit - 3)) + "...";
+    }
+    return msg;
   }
 
   private static boolean hasAll(JSONObject o, List<String> keys) {
@@ -273,14 +330,110 @@ public final class BundleManifest {
     Object scheme = q instanceof JSONObject ? get((JSONObject) q, "scheme") : null;
     String quant = String.valueOf(scheme != null ? scheme : q);
     return modelId + " (" + architecture + ", " + numLayers + " layers, max " + maxSeqLen + " tokens, " + quant
-        + ", policy " + policy + ", protected " + protectedLayers + ")";
+        + ", policy " + policy + ", protected " + protectedLayers + "; " + promptFormat.describe() + ")";
   }
 
-  /** Python-style repr of a string (for messages identical to the Python runtime's). */
+  /**
+   * Python's {@code repr} of a JSON value (str, int, float, bool, None, list, dict), for messages identical to the
+   * Python runtime's.
+   */
   static String pyRepr(Object o) {
-    if (o instanceof String) return "'" + ((String) o).replace("\\", "\\\\").replace("'", "\\'") + "'";
-    if (o == null || o == JSONObject.NULL) return "None";
-    return String.valueOf(o);
+    StringBuilder b = new StringBuilder();
+    appendRepr(b, o);
+    return b.toString();
+  }
+
+  private static void appendRepr(StringBuilder b, Object o) {
+    if (o == null || o == JSONObject.NULL) {
+      b.append("None");
+    } else if (o instanceof String) {
+      appendStrRepr(b, (String) o);
+    } else if (o instanceof Boolean) {
+      b.append((Boolean) o ? "True" : "False");
+    } else if (o instanceof Double || o instanceof Float) {
+      b.append(floatRepr(((Number) o).doubleValue()));
+    } else if (o instanceof JSONArray) {
+      JSONArray a = (JSONArray) o;
+      b.append('[');
+      for (int k = 0; k < a.length(); k++) {
+        if (k > 0) b.append(", ");
+        appendRepr(b, a.opt(k));
+      }
+      b.append(']');
+    } else if (o instanceof JSONObject) {
+      JSONObject m = (JSONObject) o;
+      b.append('{');
+      boolean first = true;
+      for (String k : JsonText.keys(m)) {
+        if (!first) b.append(", ");
+        first = false;
+        appendStrRepr(b, k);
+        b.append(": ");
+        appendRepr(b, m.opt(k));
+      }
+      b.append('}');
+    } else {
+      b.append(o);  // integers
+    }
+  }
+
+  /** Python's str repr: single quotes unless the text has ' and no ", escapes for the non-printable characters. */
+  private static void appendStrRepr(StringBuilder b, String s) {
+    char quote = s.indexOf('\'') >= 0 && s.indexOf('"') < 0 ? '"' : '\'';
+    b.append(quote);
+    for (int k = 0; k < s.length(); ) {
+      int c = s.codePointAt(k);
+      k += Character.charCount(c);
+      if (c == quote || c == '\\') {
+        b.append('\\').appendCodePoint(c);
+      } else if (c == '\t') {
+        b.append("\\t");
+      } else if (c == '\n') {
+        b.append("\\n");
+      } else if (c == '\r') {
+        b.append("\\r");
+      } else if (c < ' ' || c == 0x7f) {
+        b.append(String.format("\\x%02x", c));
+      } else if (c < 0x7f || isPrintable(c)) {
+        b.appendCodePoint(c);
+      } else if (c <= 0xff) {
+        b.append(String.format("\\x%02x", c));
+      } else if (c <= 0xffff) {
+        b.append(String.format("\\u%04x", c));
+      } else {
+        b.append(String.format("\\U%08x", c));
+      }
+    }
+    b.append(quote);
+  }
+
+  /** Python's str.isprintable for one character: not a control, format, surrogate, private, unassigned or separator. */
+  private static boolean isPrintable(int c) {
+    switch (Character.getType(c)) {
+      case Character.CONTROL: case Character.FORMAT: case Character.SURROGATE: case Character.PRIVATE_USE:
+      case Character.UNASSIGNED: case Character.LINE_SEPARATOR: case Character.PARAGRAPH_SEPARATOR:
+      case Character.SPACE_SEPARATOR:
+        return c == ' ';
+      default:
+        return true;
+    }
+  }
+
+  /** Python's float repr: shortest digits, positional for exponents -4..15, else d.ddde+XX. */
+  static String floatRepr(double d) {
+    if (Double.isNaN(d)) return "nan";
+    if (Double.isInfinite(d)) return d > 0 ? "inf" : "-inf";
+    if (d == 0) return (1 / d < 0) ? "-0.0" : "0.0";
+    java.math.BigDecimal v = new java.math.BigDecimal(Double.toString(d)).stripTrailingZeros();
+    int exp = v.precision() - v.scale() - 1;  // decimal exponent of the first digit
+    if (exp < -4 || exp >= 16) {
+      String digits = v.unscaledValue().abs().toString();
+      StringBuilder b = new StringBuilder(d < 0 ? "-" : "").append(digits.charAt(0));
+      if (digits.length() > 1) b.append('.').append(digits, 1, digits.length());
+      return b.append(exp < 0 ? "e-" : "e+").append(String.format("%02d", Math.abs(exp))).toString();
+    }
+    String plain = v.toPlainString();
+    return plain.contains(".") ? plain : plain + ".0";
   }
 
   /** Lowercase hex sha256 of a file. */

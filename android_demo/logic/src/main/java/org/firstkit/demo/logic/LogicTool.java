@@ -6,8 +6,10 @@ import java.io.IOException;
 import java.io.OutputStream;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
+import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.LinkedHashMap;
+import java.util.List;
 import java.util.Map;
 import org.json.JSONArray;
 import org.json.JSONObject;
@@ -17,11 +19,15 @@ import org.json.JSONObject;
  *
  * <pre>
  *   manifest BUNDLE_DIR [--no-hashes]      validate a bundle like the app; prints a JSON summary
- *   encode TOKENIZER_DIR TEXT [--raw]       prompt ids as the app computes them (chat template unless --raw)
- *   encode-json TOKENIZER_DIR FILE [--raw]  the same for a JSON array of texts; prints an array of id arrays
+ *   encode BUNDLE_DIR TEXT [--raw]          prompt ids as the app computes them: TEXT as a user turn of the
+ *                                           manifest's chat_template (plain text when it has none, or --raw)
+ *   encode-json TOKENIZER_DIR FILE [TEMPLATE]  the encoder alone, for a JSON array of texts; prints an array of id
+ *                                           arrays: plain text, or with TEMPLATE (a file holding a chat_template
+ *                                           value as a manifest has it) each text as a user turn of it
  *   check-manifests FILE                    JSON array of manifest objects; prints null or the error of each
- *   mask SPEC NUM_LAYERS                    override vector for a mask spec (Java rules)
- *   native-mask SPEC NUM_LAYERS             the same through the JNI bridge (the core's rules)
+ *   mask SPEC NUM_LAYERS [PROTECTED]        override vector for a mask spec (Java rules); PROTECTED: comma
+ *                                           separated protected layers (routing.protected_layers)
+ *   native-mask SPEC NUM_LAYERS             the same through the JNI bridge (the core's rules, no protected layers)
  *   decode BUNDLE_DIR IDS                   token ids to text with the core's detokenizer (through JNI)
  *   stream BUNDLE_DIR IDS N [MASK]          generate with a token listener: one JSON line per token, then the result
  *   describe BITS                           the skipped-layers line the app shows
@@ -62,24 +68,26 @@ public final class LogicTool {
       case "encode": {
         if (a.length < 3) return usage();
         File dir = new File(a[1]);
-        BpeTokenizer tok = BpeTokenizer.fromDirectory(dir);
-        boolean raw = Arrays.asList(a).contains("--raw");
-        long[] ids = raw ? tok.encode(a[2], true) : PromptFormat.fromTokenizerDir(dir).encode(tok, a[2]);
-        System.out.println(JsonText.array(ids));
+        BundleManifest m = BundleManifest.read(dir, true);
+        PromptFormat fmt = Arrays.asList(a).contains("--raw") ? PromptFormat.PLAIN : m.promptFormat;
+        System.out.println(JsonText.array(fmt.encode(BpeTokenizer.fromDirectory(new File(dir, "tokenizer")), a[2])));
         return 0;
       }
       case "encode-json": {
-        if (a.length < 3) return usage();
-        File dir = new File(a[1]);
-        BpeTokenizer tok = BpeTokenizer.fromDirectory(dir);
-        boolean raw = Arrays.asList(a).contains("--raw");
-        PromptFormat fmt = raw ? null : PromptFormat.fromTokenizerDir(dir);
+        if (a.length < 3 || a.length > 4) return usage();
+        BpeTokenizer tok = BpeTokenizer.fromDirectory(new File(a[1]));
+        PromptFormat fmt = PromptFormat.PLAIN;
+        if (a.length == 4) {
+          Object template = JsonText.parse(readText(new File(a[3])), a[3]);
+          BundleManifest.checkChatTemplate(template, a[3]);
+          fmt = PromptFormat.fromChatTemplate(template, 0);
+        }
         JSONArray texts = JsonText.parseArray(readText(new File(a[2])), a[2]);
         JSONArray out = new JSONArray();
         for (int k = 0; k < texts.length(); k++) {
           Object t = JsonText.at(texts, k);
           if (!(t instanceof String)) throw new IllegalArgumentException(a[2] + ": texts must be strings");
-          out.put(JsonText.array(raw ? tok.encode((String) t, true) : fmt.encode(tok, (String) t)));
+          out.put(JsonText.array(fmt.tokenize(tok, (String) t)));
         }
         System.out.println(out);
         return 0;
@@ -105,7 +113,11 @@ public final class LogicTool {
         int n = Integer.parseInt(a[2]);
         long[] v;
         if (a[0].equals("mask")) {
-          v = MaskFormat.parseSpec(a[1], n);
+          List<Integer> prot = new ArrayList<>();
+          for (String p : (a.length > 3 ? a[3] : "").split(",")) {
+            if (!p.trim().isEmpty()) prot.add(Integer.parseInt(p.trim()));
+          }
+          v = MaskFormat.parseSpec(a[1], n, prot);
         } else {
           System.loadLibrary("firstkit_jni");
           v = NativeRunner.parseMaskSpec(a[1], n);
@@ -123,8 +135,8 @@ public final class LogicTool {
             System.out.println(JSONObject.quote(r.decode(ids)));
             return 0;
           }
-          long[] override = a.length > 4 ? MaskFormat.parseSpec(a[4], BundleManifest.read(new File(a[1]), false)
-              .numLayers) : null;
+          BundleManifest m = a.length > 4 ? BundleManifest.read(new File(a[1]), false) : null;
+          long[] override = m != null ? MaskFormat.parseSpec(a[4], m.numLayers, m.protectedLayers) : null;
           String result = r.generate(ids, Integer.parseInt(a[3]), override, false, (tok, i, text) -> {
             System.out.println(JsonText.object("token", tok, "index", i, "text", text));
             return true;
@@ -181,8 +193,9 @@ public final class LogicTool {
   }
 
   private static int usage() {
-    System.err.println("usage: LogicTool manifest DIR [--no-hashes] | encode TOKDIR TEXT [--raw] | encode-json TOKDIR FILE [--raw] | "
-        + "check-manifests FILE | mask SPEC N | decode DIR IDS | stream DIR IDS N [MASK] | "
+    System.err.println("usage: LogicTool manifest DIR [--no-hashes] | encode DIR TEXT [--raw] | "
+        + "encode-json TOKDIR FILE [TEMPLATE] | check-manifests FILE | mask SPEC N [PROTECTED] | decode DIR IDS | "
+        + "stream DIR IDS N [MASK] | "
         + "native-mask SPEC N | describe BITS | result FILE | bench KEY=VALUE... | "
         + "activity FILES_DIR BUNDLES_DIR KEY=VALUE...");
     return 2;

@@ -5,16 +5,21 @@ import java.util.List;
 
 /**
  * Layer masks as text (docs/CONTRACTS.md): one '0'/'1' per decoder layer, layer 0 first, 1 = the layer runs.
- * The same rules as the native core's {@code parse_mask_spec}; the app uses them for display and the A/B toggle.
+ * The same rules as the native core's {@code parse_mask_spec} and the Python
+ * {@code firstkit.mask_spec.parse_mask_spec}; the app uses them for the benchmark's {@code mask}, the A/B toggle and
+ * display.
  */
 public final class MaskFormat {
   private MaskFormat() {}
 
   /**
    * Override vector for a mask spec: "auto" (or empty) gives null (routers decide), "all" gives all ones,
-   * a bits string of length {@code numLayers} gives those bits. Throws {@link IllegalArgumentException} otherwise.
+   * a bits string of length {@code numLayers} gives those bits, which must keep every protected layer running
+   * ({@code protectedLayers}: the manifest's routing.protected_layers; negative indices count from the end, like
+   * Python's). Throws {@link IllegalArgumentException} otherwise ("mask skips protected layer i" for a protected
+   * layer the bits skip, the first in {@code protectedLayers} order, as the core says it).
    */
-  public static long[] parseSpec(String spec, int numLayers) {
+  public static long[] parseSpec(String spec, int numLayers, List<Integer> protectedLayers) {
     if (spec == null || spec.isEmpty() || spec.equals("auto")) return null;
     long[] out = new long[numLayers];
     if (spec.equals("all")) {
@@ -30,12 +35,17 @@ public final class MaskFormat {
       if (c != '0' && c != '1') throw new IllegalArgumentException(notASpec(spec));
       out[i] = c == '1' ? 1 : 0;
     }
+    for (int p : protectedLayers) {
+      int i = Math.floorMod(p, numLayers);
+      if (out[i] == 0) throw new IllegalArgumentException("mask skips protected layer " + i);
+    }
     return out;
   }
 
   /**
    * Checks what a user typed before the model is known (the benchmark's {@code mask} extra): "auto", "all" or a
-   * non-empty string of 0/1; {@link #parseSpec} checks the length once the layer count is known.
+   * non-empty string of 0/1; {@link #parseSpec} checks the length and the protected layers once the bundle
+   * is known.
    */
   public static void checkSpec(String spec) {
     if (spec == null || !(spec.equals("auto") || spec.equals("all") || isBits(spec))) {

@@ -1,79 +1,92 @@
 package org.firstkit.demo.logic;
 
-import java.io.File;
-import java.io.IOException;
-import java.nio.charset.StandardCharsets;
-import java.nio.file.Files;
-import java.util.regex.Matcher;
-import java.util.regex.Pattern;
+import org.json.JSONObject;
 
 /**
- * How a user prompt becomes model input, matching {@code FirstModel.encode_chat}: the tokenizer's chat template
- * with one user turn and the generation prompt, or the raw text with the tokenizer's special tokens when the
- * bundle has no chat template. Jinja is not run on the phone: the two template families firstkit's default models
- * use are recognised (ChatML, with its default system turn, and Gemma turns); other templates are refused.
+ * How a user prompt becomes model input, exactly as the Python runtime's {@code BundleRunner.encode} (first-run):
+ * {@code first-export} renders the model's chat template around one user turn into the manifest
+ * ({@code chat_template}: {@code prefix}, {@code suffix}, the generation prompt included), and the prompt ids are
+ * those of {@code prefix + message + suffix} tokenized without added special tokens. A bundle whose manifest has
+ * no chat template ({@code chat_template} null or absent) encodes the message as plain text, with the tokenizer's
+ * special tokens. No template is evaluated or recognised here (docs/bundle_format.md).
  */
 public final class PromptFormat {
-  /** Which format. */
-  public enum Kind { RAW, CHATML, GEMMA }
+  /** Plain text: no chat template (also {@code first-run --raw}). */
+  public static final PromptFormat PLAIN = new PromptFormat(null, null, 0);
 
-  public final Kind kind;
-  /** ChatML system turn the template inserts when the conversation has none (null: none). */
-  public final String defaultSystem;
+  /** Text before the message (null: plain text). */
+  public final String prefix;
+  /** Text after the message, the generation prompt included (null: plain text). */
+  public final String suffix;
+  /** The model's vocabulary size (model.vocab_size): every prompt id must be below it; 0 = not checked. */
+  public final long vocabSize;
 
-  public PromptFormat(Kind kind, String defaultSystem) {
-    this.kind = kind;
-    this.defaultSystem = defaultSystem;
+  private PromptFormat(String prefix, String suffix, long vocabSize) {
+    this.prefix = prefix;
+    this.suffix = suffix;
+    this.vocabSize = vocabSize;
   }
 
-  /** Recognises a chat template text (null or empty: raw). */
-  public static PromptFormat fromTemplate(String template) {
-    if (template == null || template.trim().isEmpty()) return new PromptFormat(Kind.RAW, null);
-    if (template.contains("<|im_start|>")) {
-      Matcher m = Pattern.compile("<\\|im_start\\|>system\\n(.*?)<\\|im_end\\|>", Pattern.DOTALL).matcher(template);
-      return new PromptFormat(Kind.CHATML, m.find() ? m.group(1) : null);
-    }
-    if (template.contains("<start_of_turn>")) return new PromptFormat(Kind.GEMMA, null);
-    throw new IllegalArgumentException("unsupported chat template (only ChatML and Gemma turns are recognised)");
+  /**
+   * The format of a {@code chat_template} value as {@link BundleManifest#checkChatTemplate} accepted it: null (JSON
+   * null or absent) is plain text, else an object with string {@code prefix} and {@code suffix}.
+   */
+  static PromptFormat fromChatTemplate(Object chatTemplate, long vocabSize) {
+    if (chatTemplate == null || chatTemplate == JSONObject.NULL) return new PromptFormat(null, null, vocabSize);
+    JSONObject t = (JSONObject) chatTemplate;
+    return new PromptFormat((String) JsonText.get(t, "prefix"), (String) JsonText.get(t, "suffix"), vocabSize);
   }
 
-  /** Reads the template from {@code chat_template.jinja} or {@code tokenizer_config.json} in a tokenizer dir. */
-  public static PromptFormat fromTokenizerDir(File dir) throws IOException {
-    File jinja = new File(dir, "chat_template.jinja");
-    if (jinja.isFile()) return fromTemplate(read(jinja));
-    File cfg = new File(dir, "tokenizer_config.json");
-    if (cfg.isFile()) {
-      Object t = JsonText.get(JsonText.parseObject(read(cfg), cfg.getPath()), "chat_template");
-      if (t instanceof String) return fromTemplate((String) t);
-    }
-    return new PromptFormat(Kind.RAW, null);
+  /** True when prompts are sent as a user turn of a chat template. */
+  public boolean isChat() {
+    return prefix != null;
   }
 
-  private static String read(File f) throws IOException {
-    return new String(Files.readAllBytes(f.toPath()), StandardCharsets.UTF_8);
+  /** The text that is tokenized for a message: {@code prefix + message + suffix}, or the message itself. */
+  public String text(String message) {
+    return isChat() ? prefix + message + suffix : message;
   }
 
-  /** The templated text of a single user turn plus the generation prompt (raw: the prompt itself). */
-  public String render(String prompt, String bosToken) {
-    switch (kind) {
-      case CHATML: {
-        StringBuilder b = new StringBuilder();
-        if (defaultSystem != null) b.append("<|im_start|>system\n").append(defaultSystem).append("<|im_end|>\n");
-        return b.append("<|im_start|>user\n").append(prompt).append("<|im_end|>\n<|im_start|>assistant\n")
-            .toString();
+  /** One phrase for the UI: how prompts are sent to this bundle. */
+  public String describe() {
+    return isChat() ? "prompts sent as a user turn of the chat template" : "no chat template: prompts are plain text";
+  }
+
+  /**
+   * Prompt token ids: the chat text without added special tokens, or the plain message with the tokenizer's
+   * special tokens. Throws {@link IllegalArgumentException} (one line) for an empty prompt, text that is not valid
+   * UTF-8 (a lone surrogate) and ids outside the model's vocabulary (a tokenizer that does not belong to it).
+   */
+  public long[] encode(BpeTokenizer tok, String message) {
+    if (message == null || message.isEmpty()) throw new IllegalArgumentException("empty prompt");
+    checkText(message, "prompt");
+    long[] ids = tokenize(tok, message);
+    if (vocabSize > 0) {
+      for (long id : ids) {
+        if (id < 0 || id >= vocabSize) {
+          throw new IllegalArgumentException("the bundle's tokenizer produced token id " + id + ", outside the "
+              + "model's vocabulary (" + vocabSize + "); tokenizer/ does not belong to this model");
+        }
       }
-      case GEMMA:
-        return (bosToken == null ? "" : bosToken) + "<start_of_turn>user\n" + prompt
-            + "<end_of_turn>\n<start_of_turn>model\n";
-      default:
-        return prompt;
     }
+    return ids;
   }
 
-  /** Prompt token ids: templated text without extra specials, or raw text with the tokenizer's specials. */
-  public long[] encode(BpeTokenizer tok, String prompt) {
-    if (prompt == null || prompt.isEmpty()) throw new IllegalArgumentException("empty prompt");
-    if (kind == Kind.RAW) return tok.encode(prompt, true);
-    return tok.encode(render(prompt, kind == Kind.GEMMA ? "<bos>" : null), false);
+  /** The ids alone (no checks): the chat text without added special tokens, or the text with them. */
+  long[] tokenize(BpeTokenizer tok, String message) {
+    return isChat() ? tok.encode(text(message), false) : tok.encode(message, true);
+  }
+
+  /** Refuses text that cannot be encoded as UTF-8 (a lone surrogate), like the Python runtime's check_text. */
+  static void checkText(String text, String what) {
+    int cpIndex = 0;
+    for (int k = 0; k < text.length(); cpIndex++) {
+      int cp = text.codePointAt(k);
+      if (cp >= 0xD800 && cp <= 0xDFFF) {
+        throw new IllegalArgumentException(what + " is not valid UTF-8 text (" + String.format("U+%04X", cp)
+            + " at character " + cpIndex + "); pass UTF-8 text");
+      }
+      k += Character.charCount(cp);
+    }
   }
 }
