@@ -190,14 +190,7 @@ int main(int argc, char** argv) {
     auto runner = firstkit::Runner::load(opt);
     const firstkit::BundleInfo& info = runner->info();
     if (info_only) {
-      nlohmann::ordered_json o;
-      o["bundle_sha256"] = info.manifest_sha256;
-      o["num_layers"] = info.num_layers;
-      o["max_seq_len"] = info.max_seq_len;
-      o["vocab_size"] = info.vocab_size;
-      o["bos_id"] = info.bos_id;
-      o["eos_ids"] = info.eos_ids;
-      o["has_tokenizer"] = info.has_tokenizer;
+      nlohmann::ordered_json o = info.to_json();
       o["peak_rss_mb"] = firstkit::peak_rss_mb();
       std::printf("%s\n", o.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace).c_str());
       return 0;

@@ -746,6 +746,18 @@ double peak_rss_mb() {
   return 0.0;
 }
 
+nlohmann::ordered_json BundleInfo::to_json() const {
+  nlohmann::ordered_json o;
+  o["bundle_sha256"] = manifest_sha256;
+  o["num_layers"] = num_layers;
+  o["max_seq_len"] = max_seq_len;
+  o["vocab_size"] = vocab_size;
+  o["bos_id"] = bos_id;
+  o["eos_ids"] = eos_ids;
+  o["has_tokenizer"] = has_tokenizer;
+  return o;
+}
+
 std::string RunResult::to_json() const {
   // Key order and types as docs/CONTRACTS.md ("Run result JSON") and device_bench/schemas/run_result.schema.json;
   // every number finite (a JSON number, never null). Text cut inside a UTF-8 character (a token boundary) gets

@@ -24,6 +24,7 @@
 //   std::string json = r.to_json();                       // the "Run result JSON" of docs/CONTRACTS.md
 #pragma once
 
+#include <nlohmann/json.hpp>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -75,6 +76,10 @@ struct BundleInfo {
   int64_t bos_id = -1;
   std::vector<int64_t> eos_ids;
   bool has_tokenizer = false;         ///< tokenizer/tokenizer.json found: token ids can be decoded to text
+
+  /// The bundle facts as JSON (first_runner --info, the JNI info call): bundle_sha256, num_layers, max_seq_len,
+  /// vocab_size, bos_id, eos_ids, has_tokenizer, in this order; callers append their own keys.
+  nlohmann::ordered_json to_json() const;
 };
 
 /// One generation, the "Run result JSON" of docs/CONTRACTS.md.

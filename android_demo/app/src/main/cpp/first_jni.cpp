@@ -113,14 +113,7 @@ firstkit::Runner* runner_of(JNIEnv* env, jlong handle) {
 }
 
 std::string info_json(const firstkit::BundleInfo& info) {
-  nlohmann::ordered_json o;
-  o["bundle_sha256"] = info.manifest_sha256;
-  o["num_layers"] = info.num_layers;
-  o["max_seq_len"] = info.max_seq_len;
-  o["vocab_size"] = info.vocab_size;
-  o["bos_id"] = info.bos_id;
-  o["eos_ids"] = info.eos_ids;
-  o["has_tokenizer"] = info.has_tokenizer;
+  nlohmann::ordered_json o = info.to_json();
   o["api_version"] = firstkit::kRunnerApiVersion;
   return o.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
 }
